@@ -1,0 +1,142 @@
+"""The one checkpoint format: written by train/, read by evaluate/ and translate.
+
+A checkpoint is a directory::
+
+    state.pt    torch.save of plain state dicts (model, optimizer, ...), loaded
+                with weights_only=True so a checkpoint can never run code
+    meta.json   format name and version, config, step, vocabulary hashes and the
+                sha256 of state.pt, so truncation or corruption is detected
+
+Both files are written into a temporary directory beside the target and the
+directory is renamed into place, so a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+FORMAT = "distnmt-checkpoint"
+VERSION = 1
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the path."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    path: Path
+    meta: dict[str, Any]
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    directory: Path,
+    state: dict[str, Any],
+    *,
+    step: int,
+    config: dict[str, Any],
+    vocab_sha256: dict[str, str],
+    extra_meta: Optional[dict[str, Any]] = None,
+    extra_files: Optional[dict[str, Path]] = None,
+) -> Path:
+    """Write ``state`` and its metadata to ``directory`` atomically.
+
+    ``extra_files`` (name -> source path) are copied in and checksummed too; the
+    trainer stores the sentencepiece models this way so that a checkpoint alone
+    is enough to translate. ``directory`` must not exist yet or be empty.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        files = [STATE_FILE, *(extra_files or {})]
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "config": config,
+            "vocab_sha256": vocab_sha256,
+            "files": {name: sha256_file(tmp / name) for name in files},
+            **(extra_meta or {}),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+        if directory.exists():
+            if any(directory.iterdir()):
+                raise CheckpointError(f"{directory}: refusing to overwrite a non-empty directory")
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """Read and check ``meta.json``; CheckpointError if this is not a distnmt checkpoint."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory}: not a distnmt checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: not a distnmt checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{meta_path}: checkpoint format version {meta.get('version')!r}, this distnmt reads {VERSION}")
+    return meta
+
+
+def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Verify checksums and load a checkpoint safely (weights_only)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    for name, expected in meta.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from checkpoint")
+        if sha256_file(path) != expected:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted checkpoint)")
+    state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
+    return LoadedCheckpoint(path=directory, meta=meta, state=state)
+
+
+def check_vocab(meta: dict[str, Any], vocab_sha256: dict[str, str], where: Path) -> None:
+    """Refuse a checkpoint trained with other sentencepiece models than the data at hand."""
+    stored = meta.get("vocab_sha256", {})
+    if stored != vocab_sha256:
+        raise CheckpointError(
+            f"{where}: checkpoint was trained with a different vocabulary than the prepared data "
+            f"(sentencepiece sha256 {stored} vs {vocab_sha256}); prepare the data it was trained on"
+        )

@@ -1,0 +1,161 @@
+"""``distnmt prepare | train | evaluate | translate``.
+
+Every command takes ``--config FILE`` and any number of ``--set key=value``
+overrides. User mistakes (config, data, checkpoints) end in one line on stderr
+and exit status 2, never in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from distnmt.checkpoint import CheckpointError
+from distnmt.config import Config, ConfigError, EvalConfig, load_config
+from distnmt.data.errors import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", type=Path, help="experiment YAML (default: built-in defaults)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set model.hidden_size=256 (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Raw WMT'14 files -> sentencepiece models + token-id arrays."""
+    from distnmt.data.prepare import prepare
+
+    cfg = _config(args)
+    d = cfg.data
+    started = time.time()
+    result = prepare(
+        Path(d.source_dir), Path(d.prepared_dir),
+        train_prefix=d.train_prefix, dev_prefix=d.dev_prefix, test_src=d.test_src, test_ref=d.test_ref,
+        src_lang=d.src_lang, tgt_lang=d.tgt_lang, vocab_size=d.vocab_size, model_type=d.spm_model_type,
+        max_len=d.max_len, max_train_pairs=d.max_train_pairs, seed=cfg.train.seed, progress=not args.quiet,
+    )
+    counts = result.manifest.get("counts", {})
+    print(f"[prepare] wrote {result.out_dir} in {time.time() - started:.1f} s: {json.dumps(counts)}", flush=True)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train with Ray (local cluster unless an address is given); the evaluator scores checkpoints."""
+    from distnmt.train.driver import run_training
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"train.ray_address={args.address}")
+    cfg = load_config(args.config, overrides)
+    run_training(cfg)
+    return 0
+
+
+def _eval_overrides(args: argparse.Namespace, cfg: Config) -> EvalConfig:
+    """The checkpoint's decoding settings with the command line's --beam/--split/--max-sentences."""
+    changes: dict[str, object] = {}
+    if args.beam is not None:
+        changes["beam_size"] = args.beam
+    if getattr(args, "split", None):
+        changes["split"] = args.split
+    if getattr(args, "max_sentences", None) is not None:
+        changes["max_sentences"] = args.max_sentences
+    return dataclasses.replace(cfg.eval, **changes)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score one checkpoint on dev or test without Ray Train."""
+    from distnmt.checkpoint import read_meta
+    from distnmt.config import config_from_dict
+    from distnmt.evaluate.evaluator import Evaluator
+
+    stored = config_from_dict(read_meta(args.checkpoint)["config"])
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else stored
+    cfg = dataclasses.replace(cfg, eval=_eval_overrides(args, cfg))
+    prepared = args.prepared or Path(cfg.data.prepared_dir)
+    out = args.out or (Path(args.checkpoint).parent)
+    evaluator = Evaluator(cfg.to_dict(), str(prepared), str(out))
+    record = evaluator.score(str(args.checkpoint))
+    print(f"{record['test_set']} {record['checkpoint']}: {record['bleu_line']}")
+    print(f"chrF2|{record['chrf_signature']} = {record['chrf']:.2f}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    """stdin -> stdout, one sentence per line."""
+    from distnmt.checkpoint import read_meta
+    from distnmt.config import config_from_dict
+    from distnmt.evaluate.translator import translator_from_checkpoint
+
+    stored = config_from_dict(read_meta(args.checkpoint)["config"])
+    translator = translator_from_checkpoint(args.checkpoint, _eval_overrides(args, stored))
+    try:
+        lines = sys.stdin.buffer.read().decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"<stdin>: not UTF-8 ({err.reason} at byte {err.start})") from None
+    for text in translator.translate(lines, progress=not args.quiet):
+        sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distnmt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="train sentencepiece and write token-id arrays from raw WMT'14 files",
+                       description=cmd_prepare.__doc__)
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train on Ray (DDP workers + evaluator actor)", description=cmd_train.__doc__)
+    _add_config_args(p)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint with sacreBLEU", description=cmd_evaluate.__doc__)
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory")
+    _add_config_args(p)
+    p.add_argument("--split", choices=["dev", "test"], help="dev (newstest2013) or test (newstest2014)")
+    p.add_argument("--beam", type=int, help="beam size (1 = greedy)")
+    p.add_argument("--max-sentences", type=int, help="score only the first N sentences")
+    p.add_argument("--prepared", type=Path, help="prepared data directory (default: the config's)")
+    p.add_argument("--out", type=Path, help="where eval/*.jsonl and hypotheses go (default: beside the checkpoint)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("translate", help="translate stdin to stdout", description=cmd_translate.__doc__)
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory")
+    p.add_argument("--beam", type=int, help="beam size (1 = greedy)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_translate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except USER_ERRORS as err:
+        print(f"distnmt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

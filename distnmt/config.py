@@ -1,0 +1,332 @@
+"""Typed configuration: dataclasses, YAML files and dotted command-line overrides.
+
+Every experiment is one ``Config``. It is read from a YAML file (every key of
+the shipped files is commented), then ``--set section.key=value`` overrides are
+applied, then the whole is checked. Any mistake is a :class:`ConfigError` whose
+message is one line naming the file and line (when the value came from a file)
+and the dotted key, with the closest valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error."""
+
+
+@dataclass
+class DataConfig:
+    """Where the raw corpus is, where the prepared one goes, and how batches are cut."""
+
+    source_dir: str = "../shared/data/wmt14-en-fr"
+    prepared_dir: str = "prepared/sample"
+    src_lang: str = "en"
+    tgt_lang: str = "fr"
+    train_prefix: str = "train/train"
+    dev_prefix: str = "dev/newstest2013"
+    test_src: str = "test/newstest2014-fren-src.en.sgm"
+    test_ref: str = "test/newstest2014-fren-ref.fr.sgm"
+    vocab_size: int = 8000
+    spm_model_type: Literal["bpe", "unigram"] = "bpe"
+    max_len: int = 50
+    max_train_pairs: Optional[int] = None
+    max_tokens: int = 2048
+    pool_batches: int = 20
+
+
+@dataclass
+class ModelConfig:
+    """RNNsearch (or the RNNencdec baseline) sizes; paper values in configs/rnnsearch-50.yaml."""
+
+    arch: Literal["rnnsearch", "rnnencdec"] = "rnnsearch"
+    embed_size: int = 620
+    hidden_size: int = 1000
+    align_size: int = 1000
+    maxout_size: int = 500
+    gru: Literal["cudnn", "paper"] = "cudnn"
+    dropout: float = 0.0
+    init: Literal["paper", "torch"] = "paper"
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and gradient clipping."""
+
+    name: Literal["adadelta", "adam", "adamw"] = "adadelta"
+    lr: float = 1.0
+    eps: float = 1e-6
+    rho: float = 0.95
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Engine, resources, run length and checkpointing."""
+
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.9
+    threads_per_worker: int = 1
+    max_steps: int = 100
+    max_epochs: int = 1000
+    checkpoint_every: int = 50
+    keep_checkpoints: Optional[int] = None
+    max_failures: int = 0
+    seed: int = 1
+    storage_path: str = "runs"
+    name: str = "distnmt"
+    ray_address: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    """The evaluator actor: what it decodes and with what resources."""
+
+    split: Literal["dev", "test"] = "dev"
+    beam_size: int = 5
+    alpha: float = 1.0
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    batch_sentences: int = 64
+    max_sentences: Optional[int] = None
+    num_cpus: float = 0.2
+    threads: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    """Progress lines and Weights & Biases."""
+
+    log_every: int = 10
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    wandb_project: str = "distnmt"
+
+
+@dataclass
+class Config:
+    """One experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe), e.g. to store inside a checkpoint."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Where:
+    """Maps dotted keys to 'file:line' so errors can point into the YAML file."""
+
+    def __init__(self, path: Optional[Path] = None, lines: Optional[dict[str, int]] = None):
+        self.path = path
+        self.lines = lines or {}
+        self.overridden: set[str] = set()  # keys whose value came from --set, not the file
+
+    def __call__(self, key: str) -> str:
+        if key in self.overridden:
+            return "--set "
+        if self.path is not None and key in self.lines:
+            return f"{self.path}:{self.lines[key]}: "
+        if self.path is not None:
+            return f"{self.path}: "
+        return ""
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Line number (1-based) of every dotted key in a composed YAML mapping."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def _suggest(name: str, valid: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(valid)})"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{where(key)}{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+            )
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where(key)}{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        # bool is a subclass of int: 'workers: true' must not pass as 1.
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(
+            f"{where(key)}{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file
+
+
+def _build(cls: type, data: Any, prefix: str, where: _Where) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where(prefix.rstrip('.'))}{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"{where(key)}unknown key '{key}'{_suggest(str(name), names, prefix)}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key + ".", where)
+        else:
+            kwargs[name] = _coerce(value, tp, key, where)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'model.hidden_size=256'`` -> ``('model.hidden_size', 256)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. model.hidden_size=256")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # an unparsable value is taken as a string; the type check decides
+    return key.strip(), value
+
+
+def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b] = value`` for ``key='a.b'``, checking the path exists."""
+    parts = key.split(".")
+    cls: Any = Config
+    node = data
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        dotted = ".".join(parts[: depth + 1])
+        if part not in names:
+            prefix = ".".join(parts[:depth]) + "." if depth else ""
+            raise ConfigError(f"--set: unknown key '{dotted}'{_suggest(part, names, prefix)}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"--set: '{dotted}' is a value, not a section")
+        node = node.setdefault(part, {})
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = {}
+    where = _Where()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+        try:
+            node = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        where = _Where(path, _key_lines(node) if node is not None else {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(data, key, value)
+        where.overridden.add(key)
+    config = _build(Config, data, "", where)
+    validate(config, where)
+    return config
+
+
+def validate(cfg: Config, where: _Where = _Where()) -> None:
+    """Checks that span values (ranges, combinations); raises ConfigError."""
+    checks: list[tuple[bool, str, str]] = [
+        (cfg.train.workers >= 1, "train.workers", "must be at least 1"),
+        (cfg.train.threads_per_worker >= 1, "train.threads_per_worker", "must be at least 1"),
+        (cfg.train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive"),
+        (cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
+        (cfg.train.keep_checkpoints is None or cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1 or null"),
+        (cfg.train.max_failures >= -1, "train.max_failures", "must be -1 (forever) or more"),
+        (cfg.data.vocab_size >= 100, "data.vocab_size", "must be at least 100"),
+        (cfg.data.max_len >= 1, "data.max_len", "must be at least 1"),
+        # A batch must fit the longest allowed pair (+1 for EOS/BOS).
+        (cfg.data.max_tokens >= cfg.data.max_len + 1, "data.max_tokens", f"must be at least data.max_len + 1 = {cfg.data.max_len + 1}"),
+        (cfg.data.max_train_pairs is None or cfg.data.max_train_pairs >= 1, "data.max_train_pairs", "must be at least 1 or null"),
+        (min(cfg.model.embed_size, cfg.model.hidden_size, cfg.model.align_size, cfg.model.maxout_size) >= 1, "model", "sizes must be positive"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
+        (cfg.optim.lr > 0, "optim.lr", "must be positive"),
+        (len(cfg.optim.betas) == 2, "optim.betas", "must have two values"),
+        (cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)"),
+        (cfg.eval.beam_size >= 1, "eval.beam_size", "must be at least 1"),
+        (cfg.eval.batch_sentences >= 1, "eval.batch_sentences", "must be at least 1"),
+        (cfg.eval.num_cpus >= 0, "eval.num_cpus", "must be >= 0"),
+        (cfg.logging.log_every >= 1, "logging.log_every", "must be at least 1"),
+        (not (cfg.train.precision == "fp16" and not cfg.train.use_gpu), "train.precision", "fp16 needs a GPU (train.use_gpu: true); use bf16 on CPU"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            value = _lookup(cfg, key)
+            raise ConfigError(f"{where(key)}{key}: {value!r} {message}")
+
+
+def _lookup(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node if not dataclasses.is_dataclass(node) else "..."
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
+    cfg = _build(Config, data, "", _Where())
+    validate(cfg)
+    return cfg

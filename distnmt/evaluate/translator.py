@@ -1,0 +1,101 @@
+"""Text in, text out: a trained checkpoint turned into a translator.
+
+The one decoding path shared by the evaluator actor, ``distnmt evaluate`` and
+``distnmt translate``: sentencepiece-encode, sort by length so each batch pads
+little, batched beam (or greedy) search, decode, restore the input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from distnmt.checkpoint import LoadedCheckpoint, load_checkpoint
+from distnmt.config import Config, EvalConfig, config_from_dict
+from distnmt.data.batch import collate_sentences
+from distnmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from distnmt.model.build import build_model
+from distnmt.model.rnnsearch import RNNSearch
+from distnmt.model.search import beam_search, greedy_search
+
+log = logging.getLogger(__name__)
+
+SRC_SPM = "spm.src.model"
+TGT_SPM = "spm.tgt.model"
+
+
+@dataclass
+class Translator:
+    """A model in eval mode with its two tokenizers and decoding settings."""
+
+    model: RNNSearch
+    src_tok: Tokenizer
+    tgt_tok: Tokenizer
+    eval_cfg: EvalConfig
+    max_src_len: int
+    device: torch.device = torch.device("cpu")
+
+    def translate(self, sentences: list[str], progress: bool = False) -> list[str]:
+        """Translate ``sentences``; output line i is the translation of input line i."""
+        ids = self.src_tok.encode_batch(sentences)
+        too_long = sum(len(seq) > self.max_src_len for seq in ids)
+        if too_long:
+            # The model never saw longer sources; cutting keeps decoding bounded.
+            log.warning("%d of %d sentences longer than %d subwords were truncated", too_long, len(ids), self.max_src_len)
+            ids = [seq[: self.max_src_len] for seq in ids]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        outputs: list[Optional[str]] = [None] * len(ids)
+        size = self.eval_cfg.batch_sentences
+        self.model.eval()
+        batches = range(0, len(order), size)
+        for start in tqdm(batches, desc="translate", unit="batch", disable=not progress, file=sys.stderr):
+            chunk = order[start : start + size]
+            src, lengths = collate_sentences([ids[i] for i in chunk])
+            hyps = self._search(src.to(self.device), lengths.to(self.device))
+            for i, hyp in zip(chunk, hyps):
+                outputs[i] = self.tgt_tok.decode(hyp)
+        return [text if text is not None else "" for text in outputs]
+
+    def _search(self, src: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        cfg = self.eval_cfg
+        with torch.inference_mode():
+            if cfg.beam_size == 1:
+                return greedy_search(self.model, src, lengths, BOS_ID, EOS_ID, cfg.max_len_a, cfg.max_len_b)
+            return beam_search(
+                self.model, src, lengths, BOS_ID, EOS_ID,
+                beam_size=cfg.beam_size, alpha=cfg.alpha, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
+            )
+
+
+def model_from_checkpoint(ckpt: LoadedCheckpoint, device: torch.device | str = "cpu") -> tuple[RNNSearch, Config]:
+    """Rebuild the model of a checkpoint with its weights, in eval mode."""
+    cfg = config_from_dict(ckpt.meta["config"])
+    vocab = ckpt.meta["vocab_size"]
+    model = build_model(cfg.model, vocab["src"], vocab["tgt"], pad_id=PAD_ID)
+    model.load_state_dict(ckpt.state["model"])
+    return model.to(device).eval(), cfg
+
+
+def translator_from_checkpoint(
+    path: Path | str, eval_cfg: Optional[EvalConfig] = None, device: torch.device | str = "cpu"
+) -> Translator:
+    """A Translator from a checkpoint directory alone (it carries its sentencepiece models).
+
+    ``eval_cfg`` overrides the decoding settings stored in the checkpoint's config.
+    """
+    ckpt = load_checkpoint(Path(path), map_location=device)
+    model, cfg = model_from_checkpoint(ckpt, device)
+    return Translator(
+        model=model,
+        src_tok=Tokenizer(ckpt.path / SRC_SPM),
+        tgt_tok=Tokenizer(ckpt.path / TGT_SPM),
+        eval_cfg=eval_cfg or cfg.eval,
+        max_src_len=cfg.data.max_len,
+        device=torch.device(device),
+    )

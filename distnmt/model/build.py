@@ -1,0 +1,23 @@
+"""Build the model a config describes (one place, used by train/, evaluate/ and translate)."""
+
+from __future__ import annotations
+
+from distnmt.config import ModelConfig
+from distnmt.model.rnnsearch import RNNSearch
+
+
+def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int = 0) -> RNNSearch:
+    """RNNsearch, or RNNencdec when ``cfg.arch == 'rnnencdec'`` (same code, no attention)."""
+    return RNNSearch(
+        src_vocab_size=src_vocab_size,
+        tgt_vocab_size=tgt_vocab_size,
+        embed_size=cfg.embed_size,
+        hidden_size=cfg.hidden_size,
+        align_size=cfg.align_size,
+        maxout_size=cfg.maxout_size,
+        attention=cfg.arch == "rnnsearch",
+        gru=cfg.gru,
+        dropout=cfg.dropout,
+        pad_id=pad_id,
+        init=cfg.init,
+    )

@@ -1,0 +1,127 @@
+"""The driver: connect to Ray, start the evaluator actor, run the TorchTrainer.
+
+``distnmt train`` and ``ray job submit -- distnmt train`` both end up here.
+Ray is started locally unless an address is given (``train.ray_address`` or
+the RAY_ADDRESS variable that ``ray job submit`` sets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    ValidationConfig,
+    ValidationTaskConfig,
+)
+from ray.train.torch import TorchTrainer
+
+from distnmt.config import Config
+from distnmt.data.prepare import load_manifest
+from distnmt.evaluate.evaluator import Evaluator, score_with_evaluator
+from distnmt.train.loop import train_loop_per_worker
+
+NAMESPACE = "distnmt"
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Make every path absolute: Ray workers do not share the driver's cwd."""
+    data = dataclasses.replace(
+        cfg.data,
+        source_dir=str(Path(cfg.data.source_dir).resolve()),
+        prepared_dir=str(Path(cfg.data.prepared_dir).resolve()),
+    )
+    train = dataclasses.replace(cfg.train, storage_path=str(Path(cfg.train.storage_path).resolve()))
+    return dataclasses.replace(cfg, data=data, train=train)
+
+
+def init_ray(cfg: Config) -> bool:
+    """Join the given cluster or start a local one; True if we started (and must stop) it."""
+    if ray.is_initialized():
+        return False
+    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=NAMESPACE)
+        return True  # disconnect only; a joined cluster keeps running
+    # Dashboard on loopback only: it would otherwise listen on every interface.
+    ray.init(namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
+    return True
+
+
+def start_evaluator(cfg: Config, run_dir: Path) -> tuple[Any, str]:
+    """The evaluator actor, with its own resources, restarted by Ray if it dies."""
+    name = f"distnmt-evaluator-{cfg.train.name}"
+    resources: dict[str, Any] = {"num_cpus": cfg.eval.num_cpus}
+    actor = (
+        ray.remote(Evaluator)
+        .options(name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, **resources)
+        .remote(cfg.to_dict(), cfg.data.prepared_dir, str(run_dir))
+    )
+    return actor, name
+
+
+def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrainer:
+    """Ray Train's TorchTrainer with our loop, resources, storage and evaluator hook."""
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.train.name,
+            storage_path=cfg.train.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        validation_config=ValidationConfig(
+            fn=score_with_evaluator,
+            task_config=ValidationTaskConfig(fn_kwargs={"evaluator_name": evaluator_name, "namespace": NAMESPACE}),
+            # The hook only waits on the actor, which holds the CPU it decodes with.
+            ray_remote_kwargs={"num_cpus": 0},
+        ),
+    )
+
+
+def run_training(cfg: Config) -> list[dict[str, Any]]:
+    """Train, have every checkpoint scored, print the final BLEU line; return the scores."""
+    cfg = resolve_paths(cfg)
+    load_manifest(Path(cfg.data.prepared_dir))  # fail here, clearly, if `prepare` was not run
+    run_dir = Path(cfg.train.storage_path) / cfg.train.name
+    started = time.time()
+    owns_ray = init_ray(cfg)
+    try:
+        print(f"[distnmt] Ray ready in {time.time() - started:.1f} s; run directory {run_dir}", flush=True)
+        evaluator, evaluator_name = start_evaluator(cfg, run_dir)
+        info = ray.get(evaluator.ready.remote())
+        print(f"[distnmt] evaluator ready: {info['sentences']} {info['split']} sentences, beam {cfg.eval.beam_size}", flush=True)
+        fit_started = time.time()
+        build_trainer(cfg, run_dir, evaluator_name).fit()
+        records = ray.get(evaluator.results.remote())
+        _summarize(records, time.time() - fit_started)
+        return records
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _summarize(records: list[dict[str, Any]], seconds: float) -> None:
+    """The closing lines: every score, then the newest checkpoint's BLEU line."""
+    print(f"[distnmt] training and evaluation took {seconds:.1f} s; {len(records)} checkpoint(s) scored", flush=True)
+    if not records:
+        return
+    for record in sorted(records, key=lambda r: r["step"]):
+        print(f"[distnmt]   step {record['step']:>7}: BLEU {record['bleu']:.2f}  chrF {record['chrf']:.2f}  ({record['checkpoint']})")
+    best = max(records, key=lambda r: r["bleu"])
+    last = max(records, key=lambda r: r["step"])
+    print(f"[distnmt] best: {best['checkpoint']} BLEU {best['bleu']:.2f}")
+    print(f"{last['test_set']} {last['checkpoint']}: {last['bleu_line']}", flush=True)

@@ -1,0 +1,21 @@
+"""Optimizers named in the config (the paper's Adadelta, and Adam/AdamW)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from distnmt.config import OptimConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """A torch optimizer (not DeepSpeed's fused ones, which compile for minutes on CPU)."""
+    params = list(params)
+    if cfg.name == "adadelta":
+        # Paper: eps 1e-6, rho 0.95, lr 1.0 (Adadelta's own step size).
+        return torch.optim.Adadelta(params, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
