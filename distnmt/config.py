@@ -198,6 +198,12 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
         return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where '1e-3' (no dot) is a string, not a float.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         # bool is a subclass of int: 'workers: true' must not pass as 1.
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
