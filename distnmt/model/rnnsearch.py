@@ -1,0 +1,298 @@
+"""RNNsearch (Bahdanau, Cho & Bengio 2014) and its RNNencdec baseline.
+
+The model follows section 3 and appendix A of arXiv:1409.0473:
+
+* encoder: bidirectional GRU over source embeddings; annotation h_j = [fwd_j; bwd_j];
+* alignment model: e_ij = v_a^T tanh(W_a s_{i-1} + U_a h_j), softmax over the real
+  source positions only; U_a h_j ("keys") is computed once per batch;
+* decoder: GRU with input [E y_{i-1}; c_i], initial state s_0 = tanh(W_s bwd_1);
+* deep output: t_i = maxout_2(U_o s_{i-1} + V_o E y_{i-1} + C_o c_i), then a linear
+  layer to the target vocabulary.
+
+With ``attention=False`` the same decoder reads one fixed context vector instead
+(RNNencdec, the paper's baseline). The paper's encdec encoder is unidirectional and
+uses its last hidden state; we keep the bidirectional encoder so the two models differ
+only in attention, and use c = [fwd_{T_x}; bwd_1], the final state of each direction
+(the two states that have read the whole sentence). It has the same size (2H) as an
+annotation, so every other layer is shared in shape with RNNsearch.
+
+Nothing here imports Ray or torch.distributed: the model is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+__all__ = ["EncoderOutput", "PaperGRUCell", "RNNSearch"]
+
+GRU_VARIANTS = ("cudnn", "paper")
+INIT_SCHEMES = ("paper", "torch")
+
+
+@dataclass
+class EncoderOutput:
+    """Everything the decoder needs from the source side, batch-first.
+
+    ``keys`` is None for RNNencdec (no alignment model); ``context`` is the fixed
+    context vector of RNNencdec and None for RNNsearch.
+    """
+
+    annotations: Tensor  # [B, S, 2H]  h_j = [fwd_j; bwd_j], zero on padding
+    keys: Tensor | None  # [B, S, A]   U_a h_j (+ b_a)
+    mask: Tensor  # [B, S] bool, True on real source positions
+    init_state: Tensor  # [B, H]      s_0 = tanh(W_s bwd_1)
+    context: Tensor | None = None  # [B, 2H] RNNencdec only
+
+    def index_select(self, idx: Tensor) -> EncoderOutput:
+        """Rows ``idx`` of the batch (reorder, drop or repeat; beam search expands with it)."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, idx)
+
+        return EncoderOutput(
+            annotations=pick(self.annotations),
+            keys=pick(self.keys),
+            mask=pick(self.mask),
+            init_state=pick(self.init_state),
+            context=pick(self.context),
+        )
+
+
+class PaperGRUCell(nn.Module):
+    """The GRU of the paper (appendix A.2.2), reset gate applied *before* U.
+
+        z_i  = sigmoid(W_z x_i + U_z s_{i-1} + b_z)
+        r_i  = sigmoid(W_r x_i + U_r s_{i-1} + b_r)
+        s~_i = tanh(W x_i + U [r_i * s_{i-1}] + b)
+        s_i  = (1 - z_i) * s_{i-1} + z_i * s~_i
+
+    Here x_i = [E y_{i-1}; c_i], so ``W x_i`` is the paper's ``W E y_{i-1} + C c_i``.
+    cuDNN / ``nn.GRUCell`` instead compute ``r * (U s + b_hn)``; that cannot be fused
+    the same way, which is why both variants exist.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        # Input side of all three gates in one matmul; rows ordered [z; r; candidate].
+        self.input_proj = nn.Linear(input_size, 3 * hidden_size)
+        # Recurrent side: gates read s_{i-1}, the candidate reads r * s_{i-1}, so two matmuls.
+        self.gate_proj = nn.Linear(hidden_size, 2 * hidden_size, bias=False)  # [U_z; U_r]
+        self.candidate_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # U
+
+    def forward(self, x: Tensor, state: Tensor) -> Tensor:
+        """One step: ``x`` [B, input_size], ``state`` [B, H] -> new state [B, H]."""
+        x_z, x_r, x_n = self.input_proj(x).chunk(3, dim=-1)
+        h_z, h_r = self.gate_proj(state).chunk(2, dim=-1)
+        z = torch.sigmoid(x_z + h_z)
+        r = torch.sigmoid(x_r + h_r)
+        candidate = torch.tanh(x_n + self.candidate_proj(r * state))
+        return (1 - z) * state + z * candidate
+
+
+class RNNSearch(nn.Module):
+    """RNNsearch (``attention=True``) or RNNencdec (``attention=False``).
+
+    Args:
+        src_vocab_size, tgt_vocab_size: vocabulary sizes (ids ``pad_id`` is padding).
+        embed_size: word embedding size (paper: 620).
+        hidden_size: GRU units per direction in the encoder and in the decoder (paper: 1000).
+        align_size: hidden size of the alignment model (paper: 1000).
+        maxout_size: deep-output units after max pooling pairs (paper: 500).
+        attention: False builds RNNencdec, which has no alignment parameters at all.
+        gru: decoder cell, "cudnn" (``nn.GRUCell``, reset after the recurrent matmul)
+            or "paper" (:class:`PaperGRUCell`). The encoder is always ``nn.GRU``
+            (cuDNN semantics): it runs once per batch, and its speed matters most.
+        dropout: applied to the embeddings and to the maxout output (paper: none).
+        pad_id: padding id of both vocabularies.
+        init: "paper" (appendix B.1) or "torch" (PyTorch defaults).
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        embed_size: int = 620,
+        hidden_size: int = 1000,
+        align_size: int = 1000,
+        maxout_size: int = 500,
+        attention: bool = True,
+        gru: str = "cudnn",
+        dropout: float = 0.0,
+        pad_id: int = 0,
+        init: str = "paper",
+    ) -> None:
+        super().__init__()
+        if gru not in GRU_VARIANTS:
+            raise ValueError(f"model.gru must be one of {GRU_VARIANTS}, got {gru!r}")
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"model.init must be one of {INIT_SCHEMES}, got {init!r}")
+        self.src_vocab_size = src_vocab_size
+        self.tgt_vocab_size = tgt_vocab_size
+        self.embed_size = embed_size
+        self.hidden_size = hidden_size
+        self.align_size = align_size
+        self.maxout_size = maxout_size
+        self.attention = attention
+        self.gru = gru
+        self.pad_id = pad_id
+        ctx_size = 2 * hidden_size  # an annotation, or the encdec fixed context
+
+        self.src_embed = nn.Embedding(src_vocab_size, embed_size, padding_idx=pad_id)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_size, padding_idx=pad_id)
+        self.dropout = nn.Dropout(dropout)
+        self.encoder = nn.GRU(embed_size, hidden_size, batch_first=True, bidirectional=True)
+        self.init_proj = nn.Linear(hidden_size, hidden_size)  # W_s
+
+        if attention:
+            self.query_proj = nn.Linear(hidden_size, align_size, bias=False)  # W_a
+            self.key_proj = nn.Linear(ctx_size, align_size)  # U_a (its bias is b_a)
+            self.energy = nn.Linear(align_size, 1, bias=False)  # v_a
+
+        if gru == "cudnn":
+            self.cell: nn.Module = nn.GRUCell(embed_size + ctx_size, hidden_size)
+        else:
+            self.cell = PaperGRUCell(embed_size + ctx_size, hidden_size)
+
+        # [U_o, V_o, C_o] as one matrix over [s_{i-1}; E y_{i-1}; c_i]: one matmul for all T.
+        self.pre_output = nn.Linear(hidden_size + embed_size + ctx_size, 2 * maxout_size)
+        self.output = nn.Linear(maxout_size, tgt_vocab_size)  # W_o
+
+        if init == "paper":
+            self._init_paper()
+
+    # ------------------------------------------------------------------ init
+
+    def _init_paper(self) -> None:
+        """Appendix B.1: orthogonal recurrent matrices, N(0, 0.001^2) for W_a and U_a,
+        zero v_a and biases, N(0, 0.01^2) for every other weight."""
+        H = self.hidden_size
+        recurrent = {
+            "encoder.weight_hh_l0",
+            "encoder.weight_hh_l0_reverse",
+            "cell.weight_hh",  # cudnn cell: [U_r; U_z; U_n]
+            "cell.gate_proj.weight",  # paper cell: [U_z; U_r]
+            "cell.candidate_proj.weight",  # paper cell: U
+        }
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in recurrent:
+                    # Each gate's H x H block is its own orthogonal matrix, as in the paper.
+                    for block in p.split(H, dim=0):
+                        nn.init.orthogonal_(block)
+                elif name in ("query_proj.weight", "key_proj.weight"):
+                    nn.init.normal_(p, std=0.001)
+                elif name == "energy.weight" or p.dim() == 1:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, std=0.01)
+            # The normal init above also wrote the padding rows.
+            self.src_embed.weight[self.pad_id].zero_()
+            self.tgt_embed.weight[self.pad_id].zero_()
+
+    # --------------------------------------------------------------- encoder
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+        """Encode right-padded ``src`` [B, S] with true lengths ``src_lengths`` [B].
+
+        Packing makes the result independent of how much padding a batch has.
+        """
+        B, S = src.shape
+        lengths_cpu = src_lengths.detach().to("cpu", torch.int64)
+        if lengths_cpu.numel() != B:
+            raise ValueError(f"src_lengths has {lengths_cpu.numel()} entries for a batch of {B}")
+        if B and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > S):
+            raise ValueError(f"source lengths must lie in [1, {S}], got {lengths_cpu.tolist()}")
+        emb = self.dropout(self.src_embed(src))
+        packed = pack_padded_sequence(emb, lengths_cpu, batch_first=True, enforce_sorted=False)
+        packed_out, h_n = self.encoder(packed)
+        annotations, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=S)
+        # h_n[0] is fwd at the last real word; h_n[1] is bwd_1, the backward state at word 1.
+        fwd_last, bwd_first = h_n[0], h_n[1]
+        mask = torch.arange(S, device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
+        # The decoder state is carried in the parameters' dtype (fp32 under autocast):
+        # matmuls still run in bf16/fp16, but 50+ recurrent updates do not pile up rounding.
+        init_state = torch.tanh(self.init_proj(bwd_first)).to(self.init_proj.weight.dtype)
+        if self.attention:
+            return EncoderOutput(annotations, self.key_proj(annotations), mask, init_state)
+        context = torch.cat([fwd_last, bwd_first], dim=-1)
+        return EncoderOutput(annotations, None, mask, init_state, context)
+
+    # --------------------------------------------------------------- decoder
+
+    def init_decoder_state(self, enc: EncoderOutput) -> Tensor:
+        """s_0 [B, H] (already computed by :meth:`encode`)."""
+        return enc.init_state
+
+    def attend(self, state: Tensor, enc: EncoderOutput) -> tuple[Tensor, Tensor]:
+        """Context c_i [B, 2H] and weights alpha_i [B, S] for decoder state s_{i-1}.
+
+        RNNencdec returns its fixed context and all-zero weights (it aligns nothing).
+        """
+        if not self.attention:
+            assert enc.context is not None
+            return enc.context, enc.mask.new_zeros(enc.mask.shape, dtype=torch.float32)
+        assert enc.keys is not None
+        query = self.query_proj(state)  # W_a s_{i-1}: [B, A]
+        energies = self.energy(torch.tanh(enc.keys + query.unsqueeze(1))).squeeze(-1)  # [B, S]
+        # Softmax in fp32 (bf16 would round weights visibly); -inf makes padding exactly 0.
+        energies = energies.float().masked_fill(~enc.mask, float("-inf"))
+        weights = torch.softmax(energies, dim=-1)
+        context = torch.bmm(weights.unsqueeze(1).to(enc.annotations.dtype), enc.annotations)
+        return context.squeeze(1), weights
+
+    def _cell_step(self, emb: Tensor, context: Tensor, state: Tensor) -> Tensor:
+        """s_i = GRU([E y_{i-1}; c_i], s_{i-1})."""
+        # Under autocast the pieces can differ in dtype; the cell wants one, and its
+        # output is brought back to the state's dtype (see :meth:`encode`).
+        x = torch.cat([emb.to(state.dtype), context.to(state.dtype)], dim=-1)
+        return self.cell(x, state).to(state.dtype)
+
+    def _logits(self, state: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        """Deep output for any leading shape: [..., H], [..., E], [..., 2H] -> [..., V]."""
+        dtype = state.dtype
+        pre = self.pre_output(torch.cat([state, emb.to(dtype), context.to(dtype)], dim=-1))
+        t = pre.unflatten(-1, (self.maxout_size, 2)).amax(dim=-1)  # maxout, pool of 2
+        return self.output(self.dropout(t))
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: logits [B, T, V_tgt] (fp32) for ``tgt_in`` [B, T] (starts with BOS).
+
+        The recurrence only produces s_{i-1} and c_i; the deep output does not feed
+        back, so it runs once for all T steps (the biggest matmul, [B*T, M] x [M, V]).
+        """
+        enc = self.encode(src, src_lengths)
+        emb = self.dropout(self.tgt_embed(tgt_in))  # [B, T, E]
+        state = self.init_decoder_state(enc)
+        states, contexts = [], []
+        for i in range(tgt_in.size(1)):
+            context, _ = self.attend(state, enc)
+            states.append(state)
+            contexts.append(context)
+            state = self._cell_step(emb[:, i], context, state)
+        prev_states = torch.stack(states, dim=1)  # s_{i-1}: [B, T, H]
+        all_contexts = torch.stack(contexts, dim=1)  # c_i: [B, T, 2H]
+        return self._logits(prev_states, emb, all_contexts).float()
+
+    def decode_step(
+        self, enc: EncoderOutput, prev_tokens: Tensor, state: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoder step from y_{i-1} [B] and s_{i-1} [B, H].
+
+        Returns log p(y_i | ...) [B, V] in fp32, s_i [B, H] and alpha_i [B, S].
+        """
+        emb = self.dropout(self.tgt_embed(prev_tokens))
+        context, weights = self.attend(state, enc)
+        log_probs = F.log_softmax(self._logits(state, emb, context).float(), dim=-1)
+        new_state = self._cell_step(emb, context, state)
+        return log_probs, new_state, weights
+
+    def extra_repr(self) -> str:
+        kind = "RNNsearch" if self.attention else "RNNencdec"
+        n = sum(p.numel() for p in self.parameters())
+        return f"{kind}, gru={self.gru}, params={n:,}"
