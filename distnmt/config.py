@@ -101,6 +101,7 @@ class EvalConfig:
     alpha: float = 1.0
     max_len_a: float = 1.5
     max_len_b: int = 10
+    max_src_len: int = 200
     batch_sentences: int = 64
     max_sentences: Optional[int] = None
     num_cpus: float = 0.2
@@ -314,6 +315,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)"),
         (cfg.eval.beam_size >= 1, "eval.beam_size", "must be at least 1"),
         (cfg.eval.batch_sentences >= 1, "eval.batch_sentences", "must be at least 1"),
+        (cfg.eval.max_src_len >= 1, "eval.max_src_len", "must be at least 1"),
         (cfg.eval.num_cpus >= 0, "eval.num_cpus", "must be >= 0"),
         (cfg.logging.log_every >= 1, "logging.log_every", "must be at least 1"),
         (not (cfg.train.precision == "fp16" and not cfg.train.use_gpu), "train.precision", "fp16 needs a GPU (train.use_gpu: true); use bf16 on CPU"),

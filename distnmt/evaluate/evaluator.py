@@ -74,8 +74,11 @@ class Evaluator:
         """Decode the split with the checkpoint, score it, persist and return the record."""
         path = Path(checkpoint_dir)
         for record in self.records:
-            if record["checkpoint"] == path.name:
-                return record  # already scored (e.g. re-sent after a restart)
+            # Already scored with these settings (e.g. re-sent after a restart).
+            if (record["checkpoint"], record["beam_size"], record["sentences"]) == (
+                path.name, self.cfg.eval.beam_size, len(self.sources)
+            ):
+                return record
         check_vocab(read_meta(path), self.manifest["spm_sha256"], path)
         started = time.time()
         translator = translator_from_checkpoint(path, self.cfg.eval)

@@ -96,6 +96,6 @@ def translator_from_checkpoint(
         src_tok=Tokenizer(ckpt.path / SRC_SPM),
         tgt_tok=Tokenizer(ckpt.path / TGT_SPM),
         eval_cfg=eval_cfg or cfg.eval,
-        max_src_len=cfg.data.max_len,
+        max_src_len=(eval_cfg or cfg.eval).max_src_len,
         device=torch.device(device),
     )

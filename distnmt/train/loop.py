@@ -11,6 +11,7 @@ optimizer, scaler, step, epoch, the sampler's position and RNG states.
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -42,6 +43,13 @@ def _autocast(cfg: Config, device: torch.device):
         return nullcontext()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _say(line: str) -> None:
+    """A progress line on stdout. Not print(): Ray Train patches print in workers
+    and, with Ray's own stdout capture, every printed line would appear twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -131,7 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _set_rng_state(ckpt.state["rng"])
         step, epoch = int(ckpt.state["step"]), int(ckpt.state["epoch"])
         if rank == 0:
-            print(f"[train] resumed from {Path(directory).name} at step {step}, epoch {epoch}", flush=True)
+            _say(f"[train] resumed from {Path(directory).name} at step {step}, epoch {epoch}")
     else:
         sampler.set_epoch(epoch)
 
@@ -139,10 +147,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     wandb_run = _start_wandb(cfg, run_dir) if rank == 0 else None
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
-        print(
+        _say(
             f"[train] {world} worker(s), {params / 1e6:.2f}M parameters, {len(sampler)} batches per rank per epoch, "
-            f"padding efficiency {sampler.padding_efficiency():.3f}, precision {cfg.train.precision}",
-            flush=True,
+            f"padding efficiency {sampler.padding_efficiency():.3f}, precision {cfg.train.precision}"
         )
 
     meter = _Meter()
@@ -187,11 +194,10 @@ def _train_step(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opti
 
 
 def _log(step: int, epoch: int, cfg: Config, metrics: dict[str, float], wandb_run: Optional[Any]) -> None:
-    print(
+    _say(
         f"[train] step {step}/{cfg.train.max_steps} epoch {epoch} | loss {metrics['loss']:.3f} "
         f"| ppl {metrics['ppl']:.1f} | {metrics['tokens_per_s']:.0f} tgt tok/s "
-        f"| tgt padding eff {metrics['target_padding_efficiency']:.3f}",
-        flush=True,
+        f"| tgt padding eff {metrics['target_padding_efficiency']:.3f}"
     )
     if wandb_run is not None:
         wandb_run.log({f"train/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)

@@ -1,0 +1,44 @@
+"""The console script: help on every command, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distnmt.cli import main
+
+COMMANDS = ["prepare", "train", "evaluate", "translate"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert f"usage: distnmt {command}" in capsys.readouterr().out
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run([sys.executable, "-m", "distnmt.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+def test_config_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--set", "model.hiden_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert err == "distnmt train: error: --set: unknown key 'model.hiden_size' (did you mean 'model.hidden_size'?)\n"
+
+
+def test_train_without_prepared_data_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--set", f"data.prepared_dir={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "distnmt prepare" in err
+
+
+def test_translate_rejects_a_non_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["translate", str(tmp_path)]) == 2
+    assert "not a distnmt checkpoint" in capsys.readouterr().err
