@@ -113,6 +113,17 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ("data", "model")  # distnmt/bench/<name>.py, each with main(argv) -> int
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one benchmark; each writes its figures as JSON and markdown (see --help of each)."""
+    import importlib
+
+    module = importlib.import_module(f"distnmt.bench.{args.benchmark}")
+    return int(module.main(args.bench_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distnmt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -143,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, help="beam size (1 = greedy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("bench", help="benchmarks that write their figures to files", description=cmd_bench.__doc__)
+    p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of that benchmark (try: distnmt bench data --help)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -51,8 +51,9 @@ def init_ray(cfg: Config) -> bool:
     if address:
         ray.init(address=address, namespace=NAMESPACE)
         return True  # disconnect only; a joined cluster keeps running
-    # Dashboard on loopback only: it would otherwise listen on every interface.
-    ray.init(namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
+    # address="local": a new cluster even when `ray start` runs on this machine (plain
+    # ray.init() would join that one). Dashboard on loopback only, never 0.0.0.0.
+    ray.init(address="local", namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
     return True
 
 
