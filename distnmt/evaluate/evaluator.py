@@ -18,7 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray
 import torch
@@ -53,6 +53,7 @@ class Evaluator:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.results_path = self.out_dir / f"{split}.jsonl"
         self.records: list[dict[str, Any]] = self._read_records()
+        self._stop_reason: Optional[str] = None
 
     def _read_records(self) -> list[dict[str, Any]]:
         """Scores persisted by an earlier incarnation of this evaluator."""
@@ -119,6 +120,14 @@ class Evaluator:
 
     def results(self) -> list[dict[str, Any]]:
         return list(self.records)
+
+    def stop_reason(self) -> Optional[str]:
+        """Why training should stop now (e.g. early stopping), or None to go on."""
+        return self._stop_reason
+
+    def finalize(self) -> list[dict[str, Any]]:
+        """End-of-run work, called by the driver once training has ended; returns every record."""
+        return self.results()
 
 
 def score_with_evaluator(checkpoint: "ray.train.Checkpoint", evaluator_name: str, namespace: str) -> dict[str, Any]:

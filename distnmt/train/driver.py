@@ -63,7 +63,9 @@ def start_evaluator(cfg: Config, run_dir: Path) -> tuple[Any, str]:
     resources: dict[str, Any] = {"num_cpus": cfg.eval.num_cpus}
     actor = (
         ray.remote(Evaluator)
-        .options(name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, **resources)
+        # max_concurrency: the trainers' stop_reason() calls are answered while a
+        # checkpoint is being decoded, so training never waits on evaluation.
+        .options(name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, max_concurrency=4, **resources)
         .remote(cfg.to_dict(), cfg.data.prepared_dir, str(run_dir))
     )
     return actor, name
@@ -76,7 +78,7 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "evaluator": evaluator_name, "namespace": NAMESPACE},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.train.name,
@@ -107,8 +109,10 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         print(f"[distnmt] evaluator ready: {info['sentences']} {info['split']} sentences, beam {cfg.eval.beam_size}", flush=True)
         fit_started = time.time()
         build_trainer(cfg, run_dir, evaluator_name).fit()
-        records = ray.get(evaluator.results.remote())
-        _summarize(records, time.time() - fit_started)
+        # Scores still pending were awaited by fit(); finalize does the end-of-run work
+        # (e.g. the best checkpoint on the test set) and returns every record.
+        records = ray.get(evaluator.finalize.remote())
+        _summarize([r for r in records if r["split"] == "dev"], time.time() - fit_started)
         return records
     finally:
         if owns_ray:

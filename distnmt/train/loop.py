@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -153,7 +154,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     meter = _Meter()
-    while step < cfg.train.max_steps and epoch < cfg.train.max_epochs:
+    stop_reason: Optional[str] = None
+    while step < cfg.train.max_steps and epoch < cfg.train.max_epochs and not stop_reason:
         for indices in sampler:
             batch = collate(src, tgt, indices).to(device)
             loss_sum = _train_step(cfg, ddp_model, optimizer, scaler, batch, device)
@@ -166,13 +168,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     _log(step, epoch, cfg, metrics, wandb_run)
             if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps:
                 _checkpoint_and_report(cfg, model, optimizer, scaler, sampler, step, epoch, rank, manifest, vocab_size)
-            if step >= cfg.train.max_steps:
+                stop_reason = _stop_requested(loop_config, rank)
+            if step >= cfg.train.max_steps or stop_reason:
                 break
         else:
             epoch += 1
             sampler.set_epoch(epoch)
+    if rank == 0 and stop_reason:
+        _say(f"[train] stopping at step {step}: {stop_reason}")
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def _stop_requested(loop_config: dict[str, Any], rank: int) -> Optional[str]:
+    """Rank 0 asks the evaluator whether to stop (early stopping); every rank learns the answer.
+
+    The evaluator answers at once even while decoding (it is a threaded actor), so
+    this costs a round trip per checkpoint, not an evaluation.
+    """
+    reason: list[Optional[str]] = [None]
+    if rank == 0 and loop_config.get("evaluator"):
+        actor = ray.get_actor(loop_config["evaluator"], namespace=loop_config["namespace"])
+        reason[0] = ray.get(actor.stop_reason.remote())
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(reason, src=0)
+    return reason[0]
 
 
 def _train_step(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
