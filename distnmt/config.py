@@ -69,6 +69,10 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     clip_norm: float = 1.0
+    schedule: Literal["constant", "inverse_sqrt", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -76,7 +80,9 @@ class TrainConfig:
     """Engine, resources, run length and checkpointing."""
 
     backend: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed_config: Optional[str] = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    accumulate: int = 1
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.9
@@ -90,6 +96,7 @@ class TrainConfig:
     storage_path: str = "runs"
     name: str = "distnmt"
     ray_address: Optional[str] = None
+    log_batches: bool = False
 
 
 @dataclass
@@ -106,6 +113,15 @@ class EvalConfig:
     max_sentences: Optional[int] = None
     num_cpus: float = 0.2
     threads: int = 1
+    # Added for the evaluator's policies and end-of-run work (issue 6).
+    num_gpus: float = 0.0  # a GPU or a fraction of one for the evaluator actor; 0 = decode on CPU
+    policy: Literal["every", "newest"] = "every"  # when behind: score every checkpoint, or the newest only
+    patience: Optional[int] = None  # stop after this many scored checkpoints without a better dev BLEU
+    min_delta: float = 0.0  # a dev BLEU gain must exceed this to count as better
+    test_at_end: bool = True  # score the best checkpoint (by dev BLEU) on newstest2014 when training ends
+    figures: bool = True  # draw the paper's Figures 2 and 3 for the best checkpoint when training ends
+    attention_examples: int = 3  # fixed dev sentences drawn as attention heatmaps (Figure 3)
+    samples: int = 5  # sample translations per checkpoint in the W&B table
 
 
 @dataclass
@@ -313,10 +329,22 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (cfg.optim.lr > 0, "optim.lr", "must be positive"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must have two values"),
         (cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+        (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]"),
+        (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)"),
+        (cfg.train.accumulate >= 1, "train.accumulate", "must be at least 1"),
+        (cfg.train.backend != "deepspeed" or cfg.train.deepspeed_config is not None, "train.deepspeed_config",
+         "must name a DeepSpeed JSON (e.g. configs/deepspeed/zero1.json) when train.backend is deepspeed"),
         (cfg.eval.beam_size >= 1, "eval.beam_size", "must be at least 1"),
         (cfg.eval.batch_sentences >= 1, "eval.batch_sentences", "must be at least 1"),
         (cfg.eval.max_src_len >= 1, "eval.max_src_len", "must be at least 1"),
         (cfg.eval.num_cpus >= 0, "eval.num_cpus", "must be >= 0"),
+        (cfg.eval.num_gpus >= 0, "eval.num_gpus", "must be >= 0"),
+        (cfg.eval.patience is None or cfg.eval.patience >= 1, "eval.patience", "must be at least 1 or null (no early stopping)"),
+        (cfg.eval.min_delta >= 0, "eval.min_delta", "must be >= 0"),
+        (cfg.eval.attention_examples >= 0, "eval.attention_examples", "must be >= 0"),
+        (cfg.eval.samples >= 0, "eval.samples", "must be >= 0"),
+        (cfg.eval.max_sentences is None or cfg.eval.max_sentences >= 1, "eval.max_sentences", "must be at least 1 or null"),
         (cfg.logging.log_every >= 1, "logging.log_every", "must be at least 1"),
         (not (cfg.train.precision == "fp16" and not cfg.train.use_gpu), "train.precision", "fp16 needs a GPU (train.use_gpu: true); use bf16 on CPU"),
     ]

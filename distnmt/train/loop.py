@@ -1,22 +1,23 @@
-"""The training loop each Ray Train worker runs (DDP; one process per worker).
+"""The training loop each Ray Train worker runs (one process per worker).
 
-Top to bottom: read this rank's share of the length-bucketed batches, run the
-model under autocast, step the optimizer, log on rank 0, and every
-``train.checkpoint_every`` steps write a checkpoint and report it to Ray with
-``validation=True`` so the evaluator actor scores it while training goes on.
-A restarted worker resumes from ``ray.train.get_checkpoint()``: model,
-optimizer, scaler, step, epoch, the sampler's position and RNG states.
+Top to bottom: read this rank's share of the length-bucketed batches, hand
+``train.accumulate`` of them at a time to the engine (DDP or DeepSpeed) for one
+optimizer step, log on rank 0, and every ``train.checkpoint_every`` steps write
+a checkpoint and report it to Ray with ``validation=True`` so the evaluator
+actor scores it while training goes on. A restarted worker resumes from
+``ray.train.get_checkpoint()``: weights, optimizer, scaler, LR schedule, step,
+epoch, the sampler's position and every rank's RNG states.
 """
 
 from __future__ import annotations
 
 import random
+import resource
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import ray
@@ -24,7 +25,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from distnmt.checkpoint import load_checkpoint, save_checkpoint
 from distnmt.config import Config, config_from_dict
@@ -35,15 +35,10 @@ from distnmt.data.shards import TokenArray
 from distnmt.data.tokenizer import PAD_ID, Tokenizer
 from distnmt.evaluate.translator import SRC_SPM, TGT_SPM
 from distnmt.model.build import build_model
-from distnmt.train.optim import build_optimizer
+from distnmt.train.engine import Engine, StepStats, build_engine
+from distnmt.train.wandb_run import start_wandb
 
-
-def _autocast(cfg: Config, device: torch.device):
-    """bf16/fp16 autocast on the worker's device; fp32 runs without it."""
-    if cfg.train.precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+RNG_DIR = "rng"
 
 
 def _say(line: str) -> None:
@@ -77,14 +72,17 @@ class _Meter:
         self.loss_sum = 0.0
         self.tokens = 0
         self.padded = 0
+        self.steps = 0
         self.started = time.time()
 
-    def add(self, loss_sum: float, batch: Batch) -> None:
-        self.loss_sum += loss_sum
-        self.tokens += batch.num_target_tokens()
-        self.padded += batch.tgt_out.numel()
+    def add(self, stats: StepStats) -> None:
+        self.loss_sum += stats.loss_sum
+        self.tokens += stats.tokens
+        self.padded += stats.padded_tokens
+        self.steps += 1
 
     def read(self) -> dict[str, float]:
+        """Global figures; a collective, so every rank must call it."""
         totals = torch.tensor([self.loss_sum, self.tokens, self.padded], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
@@ -96,7 +94,20 @@ class _Meter:
             "ppl": float(np.exp(min(loss, 50.0))),
             "tokens_per_s": tokens / seconds,
             "target_padding_efficiency": tokens / max(padded, 1),
+            "step_time_s": seconds / max(self.steps, 1),
         }
+
+
+def _step_batches(sampler: BucketBatchSampler, accumulate: int) -> Iterator[list[list[int]]]:
+    """This rank's batches, ``accumulate`` at a time (a short group at the epoch's end)."""
+    group: list[list[int]] = []
+    for indices in sampler:
+        group.append(indices)
+        if len(group) == accumulate:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -118,56 +129,64 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         src.lengths, tgt.lengths, cfg.data.max_tokens, num_replicas=world, rank=rank,
         seed=cfg.train.seed, pool_batches=cfg.data.pool_batches,
     )
-
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     vocab_size = {
         "src": Tokenizer(prepared / f"spm.{src_lang}.model").vocab_size,
         "tgt": Tokenizer(prepared / f"spm.{tgt_lang}.model").vocab_size,
     }
+
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model, vocab_size["src"], vocab_size["tgt"], pad_id=PAD_ID).to(device)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    engine = build_engine(cfg, model, device, wrap=ray.train.torch.prepare_model)
     step, epoch = 0, 0
+    wandb_id: Optional[str] = None
 
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as directory:
             ckpt = load_checkpoint(Path(directory), map_location=device)
-        model.load_state_dict(ckpt.state["model"])
-        optimizer.load_state_dict(ckpt.state["optimizer"])
-        scaler.load_state_dict(ckpt.state["scaler"])
+            engine.load(ckpt.state, Path(directory))
+            rng_file = Path(directory) / RNG_DIR / f"rank{rank}.pt"
+            if rng_file.exists():  # absent when resuming on more ranks than were saved
+                _set_rng_state(torch.load(rng_file, weights_only=True))
         sampler.load_state_dict(ckpt.state["sampler"])
-        _set_rng_state(ckpt.state["rng"])
         step, epoch = int(ckpt.state["step"]), int(ckpt.state["epoch"])
+        wandb_id = ckpt.meta.get("wandb_run_id")
         if rank == 0:
             _say(f"[train] resumed from {Path(directory).name} at step {step}, epoch {epoch}")
     else:
         sampler.set_epoch(epoch)
 
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
-    wandb_run = _start_wandb(cfg, run_dir) if rank == 0 else None
+    wandb_run = start_wandb(cfg, run_dir, wandb_id) if rank == 0 else None
+    batch_log = _open_batch_log(cfg, run_dir, rank)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         _say(
-            f"[train] {world} worker(s), {params / 1e6:.2f}M parameters, {len(sampler)} batches per rank per epoch, "
-            f"padding efficiency {sampler.padding_efficiency():.3f}, precision {cfg.train.precision}"
+            f"[train] {cfg.train.backend} on {world} worker(s) ({device.type}), {params / 1e6:.2f}M parameters, "
+            f"{len(sampler)} batches per rank per epoch, padding efficiency {sampler.padding_efficiency():.3f}, "
+            f"precision {cfg.train.precision}, accumulate {cfg.train.accumulate}"
         )
 
     meter = _Meter()
     stop_reason: Optional[str] = None
     while step < cfg.train.max_steps and epoch < cfg.train.max_epochs and not stop_reason:
-        for indices in sampler:
-            batch = collate(src, tgt, indices).to(device)
-            loss_sum = _train_step(cfg, ddp_model, optimizer, scaler, batch, device)
-            meter.add(loss_sum, batch)
+        for group in _step_batches(sampler, cfg.train.accumulate):
+            batches = [collate(src, tgt, indices).to(device) for indices in group]
+            stats = engine.train_step(batches)
+            meter.add(stats)
             step += 1
+            if batch_log is not None:
+                for batch in batches:
+                    batch_log.write(f"{step} {epoch} {' '.join(map(str, batch.indices))}\n")
+                batch_log.flush()
             if step % cfg.logging.log_every == 0:
                 metrics = meter.read()  # a collective: every rank calls it
                 meter.reset()
                 if rank == 0:
-                    _log(step, epoch, cfg, metrics, wandb_run)
+                    left = (len(sampler) - sampler.position) / cfg.train.accumulate
+                    _log(step, epoch, cfg, metrics, stats, left * metrics["step_time_s"], wandb_run)
             if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps:
-                _checkpoint_and_report(cfg, model, optimizer, scaler, sampler, step, epoch, rank, manifest, vocab_size)
+                _checkpoint_and_report(cfg, engine, sampler, step, epoch, rank, manifest, vocab_size,
+                                       wandb_run.id if wandb_run is not None else wandb_id)
                 stop_reason = _stop_requested(loop_config, rank)
             if step >= cfg.train.max_steps or stop_reason:
                 break
@@ -176,8 +195,74 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sampler.set_epoch(epoch)
     if rank == 0 and stop_reason:
         _say(f"[train] stopping at step {step}: {stop_reason}")
+    if batch_log is not None:
+        batch_log.close()
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def _open_batch_log(cfg: Config, run_dir: Path, rank: int):
+    """With train.log_batches: 'step epoch pair-ids...' per batch, appended across restarts."""
+    if not cfg.train.log_batches:
+        return None
+    path = run_dir / "batches" / f"rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a", encoding="utf-8")
+
+
+def _log(step: int, epoch: int, cfg: Config, metrics: dict[str, float], last: StepStats,
+         eta_s: float, wandb_run: Optional[Any]) -> None:
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _say(
+        f"[train] step {step}/{cfg.train.max_steps} epoch {epoch} | loss {metrics['loss']:.3f} "
+        f"| ppl {metrics['ppl']:.1f} | {metrics['tokens_per_s']:.0f} tgt tok/s "
+        f"| padding eff {metrics['target_padding_efficiency']:.3f} | lr {last.lr:.2e} "
+        f"| grad norm {last.grad_norm:.2f} | epoch ETA {eta_s / 60:.1f} min"
+    )
+    if wandb_run is not None:
+        record = {f"train/{k}": v for k, v in metrics.items()}
+        record |= {
+            "train/lr": last.lr, "train/grad_norm": last.grad_norm, "train/loss_scale": last.loss_scale,
+            "train/peak_rss_mib": rss_mib, "epoch": epoch,
+        }
+        if torch.cuda.is_available():
+            record["train/gpu_peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        wandb_run.log(record, step=step)
+
+
+def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSampler, step: int, epoch: int,
+                           rank: int, manifest: dict[str, Any], vocab_size: dict[str, int],
+                           wandb_id: Optional[str]) -> None:
+    """Every rank writes its part into its own temp dir and reports it; Ray merges them.
+
+    Rank 0 writes the checkpoint proper (state.pt with full weights, meta.json with
+    checksums, the sentencepiece models); every rank adds its RNG state and, for
+    DeepSpeed, its optimizer partition. ``report`` is a barrier across ranks.
+    """
+    name = f"checkpoint_{step:08d}"
+    with tempfile.TemporaryDirectory(prefix="distnmt-ckpt-") as tmp:
+        directory = Path(tmp) / name
+        if rank == 0:
+            prepared = Path(cfg.data.prepared_dir)
+            state = engine.state_for_checkpoint() | {"sampler": sampler.state_dict(), "step": step, "epoch": epoch}
+            save_checkpoint(
+                directory, state, step=step, config=cfg.to_dict(),
+                vocab_sha256=manifest["spm_sha256"],
+                extra_meta={"vocab_size": vocab_size, "epoch": epoch, "wandb_run_id": wandb_id},
+                extra_files={
+                    SRC_SPM: prepared / f"spm.{cfg.data.src_lang}.model",
+                    TGT_SPM: prepared / f"spm.{cfg.data.tgt_lang}.model",
+                },
+            )
+        engine.save_sharded(directory)
+        (directory / RNG_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), directory / RNG_DIR / f"rank{rank}.pt")
+        ray.train.report(
+            {"step": step, "epoch": epoch},
+            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+            checkpoint_dir_name=name,
+            validation=True,
+        )
 
 
 def _stop_requested(loop_config: dict[str, Any], rank: int) -> Optional[str]:
@@ -193,80 +278,3 @@ def _stop_requested(loop_config: dict[str, Any], rank: int) -> Optional[str]:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(reason, src=0)
     return reason[0]
-
-
-def _train_step(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, batch: Batch, device: torch.device) -> float:
-    """One optimizer step; returns the summed (not averaged) token loss of this rank's batch."""
-    with _autocast(cfg, device):
-        logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-    # Loss in fp32 whatever the autocast dtype: log-softmax over 30k words needs it.
-    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID, reduction="sum")
-    loss = loss_sum / max(batch.num_target_tokens(), 1)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if cfg.optim.clip_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    return float(loss_sum.detach())
-
-
-def _log(step: int, epoch: int, cfg: Config, metrics: dict[str, float], wandb_run: Optional[Any]) -> None:
-    _say(
-        f"[train] step {step}/{cfg.train.max_steps} epoch {epoch} | loss {metrics['loss']:.3f} "
-        f"| ppl {metrics['ppl']:.1f} | {metrics['tokens_per_s']:.0f} tgt tok/s "
-        f"| tgt padding eff {metrics['target_padding_efficiency']:.3f}"
-    )
-    if wandb_run is not None:
-        wandb_run.log({f"train/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)
-
-
-def _checkpoint_and_report(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler, sampler: BucketBatchSampler, step: int, epoch: int,
-                           rank: int, manifest: dict[str, Any], vocab_size: dict[str, int]) -> None:
-    """Rank 0 writes the checkpoint; every rank reports (report is a barrier)."""
-    name = f"checkpoint_{step:08d}"
-    with tempfile.TemporaryDirectory(prefix="distnmt-ckpt-") as tmp:
-        checkpoint = None
-        if rank == 0:
-            prepared = Path(cfg.data.prepared_dir)
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "sampler": sampler.state_dict(),
-                "rng": _rng_state(),
-                "step": step,
-                "epoch": epoch,
-            }
-            directory = save_checkpoint(
-                Path(tmp) / name, state, step=step, config=cfg.to_dict(),
-                vocab_sha256=manifest["spm_sha256"],
-                extra_meta={"vocab_size": vocab_size, "epoch": epoch},
-                extra_files={
-                    SRC_SPM: prepared / f"spm.{cfg.data.src_lang}.model",
-                    TGT_SPM: prepared / f"spm.{cfg.data.tgt_lang}.model",
-                },
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-        ray.train.report(
-            {"step": step, "epoch": epoch},
-            checkpoint=checkpoint,
-            checkpoint_dir_name=name,
-            validation=checkpoint is not None,
-        )
-
-
-def _start_wandb(cfg: Config, run_dir: Path) -> Optional[Any]:
-    """W&B on rank 0 only (Ray Train V2 rejects the Tune logger callback)."""
-    if cfg.logging.wandb == "disabled":
-        return None
-    import wandb  # imported late: it is slow to import and unused when disabled
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        project=cfg.logging.wandb_project, name=cfg.train.name, config=cfg.to_dict(),
-        mode=cfg.logging.wandb, dir=str(run_dir), resume="allow",
-    )

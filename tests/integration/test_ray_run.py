@@ -65,7 +65,9 @@ def test_two_workers_train_while_the_evaluator_scores(prepared: Path, tmp_path: 
     # The checkpoint is complete: loads with checksums, holds the resume state.
     last = load_checkpoint(checkpoints[-1])
     assert last.step == 150
-    assert {"model", "optimizer", "scaler", "sampler", "rng", "step", "epoch"} <= set(last.state)
+    assert {"model", "optimizer", "scheduler", "scaler", "sampler", "step", "epoch"} <= set(last.state)
+    # Every rank's RNG state, merged by Ray from the workers' checkpoint directories.
+    assert sorted(p.name for p in (checkpoints[-1] / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
 
     # `distnmt translate` from that checkpoint alone: one output line per input line.
     lines = ["The house is small.", "", "Thank you very much for your attention."]

@@ -1,0 +1,260 @@
+"""Two engines behind one small interface: PyTorch DDP and DeepSpeed.
+
+The training loop only calls ``train_step(batches)`` (one optimizer step over
+``train.accumulate`` micro-batches), ``state_for_checkpoint()``,
+``save_sharded(dir)`` and ``load(...)``. Everything engine-specific (wrapping,
+mixed precision, loss scaling, gradient accumulation, clipping, the LR
+schedule, how optimizer state is saved) stays in this file.
+
+Loss normalisation is the same for both engines and exact: each rank scales
+its summed token loss by ``world / global_target_tokens`` (one all-reduce of a
+scalar per step), so after the engines average gradients over ranks the
+update equals a single-process step on all ranks' micro-batches together,
+however unevenly the tokens fall across ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distnmt.config import Config, ConfigError
+from distnmt.data.batch import Batch
+from distnmt.data.tokenizer import PAD_ID
+from distnmt.train.optim import build_optimizer
+from distnmt.train.schedule import build_scheduler
+
+DEEPSPEED_SUBDIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports (this rank's part of loss and tokens)."""
+
+    loss_sum: float
+    tokens: int
+    padded_tokens: int
+    grad_norm: float
+    lr: float
+    loss_scale: float
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_tokens(batches: list[Batch], device: torch.device) -> float:
+    """Target tokens of this step over all ranks and micro-batches."""
+    total = torch.tensor([float(sum(b.num_target_tokens() for b in batches))], dtype=torch.float64, device=device)
+    if _world() > 1:
+        dist.all_reduce(total)
+    return float(total.item())
+
+
+def token_loss_sum(logits: torch.Tensor, batch: Batch, label_smoothing: float) -> torch.Tensor:
+    """Summed cross-entropy over real target tokens, in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), batch.tgt_out.flatten(),
+        ignore_index=PAD_ID, reduction="sum", label_smoothing=label_smoothing,
+    )
+
+
+class Engine(ABC):
+    """One optimizer step at a time; knows how to checkpoint itself."""
+
+    module: torch.nn.Module  # the bare model (for evaluation weights)
+
+    @abstractmethod
+    def train_step(self, batches: list[Batch]) -> StepStats: ...
+
+    @abstractmethod
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        """What rank 0 puts into state.pt (always including the full "model" weights)."""
+
+    def save_sharded(self, directory: Path) -> None:
+        """Per-rank state written by every rank into its own copy of the checkpoint dir."""
+
+    @abstractmethod
+    def load(self, state: dict[str, Any], directory: Path) -> None:
+        """Restore from rank 0's state.pt dict and the checkpoint directory."""
+
+
+class DDPEngine(Engine):
+    """torch DistributedDataParallel (gloo on CPU, NCCL on GPU) with autocast and GradScaler."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, wrap: Any) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.module = model
+        # wrap = ray.train.torch.prepare_model: DDP when world > 1 (passed in so that
+        # this file works without Ray, e.g. in single-process tests).
+        self.model = wrap(model) if _world() > 1 else model
+        self.optimizer = build_optimizer(model.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+
+    def _autocast(self):
+        if self.cfg.train.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def train_step(self, batches: list[Batch]) -> StepStats:
+        scale = _world() / max(global_tokens(batches, self.device), 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for i, batch in enumerate(batches):
+            # Gradients are all-reduced once, on the last micro-batch only.
+            last = i == len(batches) - 1
+            sync = nullcontext() if last or self.model is self.module else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    logits = self.model(batch.src, batch.src_lengths, batch.tgt_in)
+                loss_sum = token_loss_sum(logits, batch, self.cfg.optim.label_smoothing)
+                self.scaler.scale(loss_sum * scale).backward()
+            loss_total += float(loss_sum.detach())
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
+        lr = self.scheduler.get_last_lr()[0]
+        self.scaler.step(self.optimizer)  # skipped by the scaler when fp16 gradients overflowed
+        self.scaler.update()
+        self.scheduler.step()
+        return StepStats(
+            loss_sum=loss_total,
+            tokens=sum(b.num_target_tokens() for b in batches),
+            padded_tokens=sum(b.tgt_out.numel() for b in batches),
+            grad_norm=grad_norm, lr=lr,
+            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+        )
+
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load(self, state: dict[str, Any], directory: Path) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+# YAML keys that DeepSpeed's JSON must not contradict: (json path, value from config).
+def _owned_keys(cfg: Config, world: int) -> dict[tuple[str, ...], Any]:
+    return {
+        # Batches are token budgets made by our sampler: one "micro batch" per step
+        # to DeepSpeed, accumulated train.accumulate times.
+        ("train_micro_batch_size_per_gpu",): 1,
+        ("gradient_accumulation_steps",): cfg.train.accumulate,
+        ("train_batch_size",): cfg.train.accumulate * world,
+        ("gradient_clipping",): cfg.optim.clip_norm,
+        ("bf16", "enabled"): cfg.train.precision == "bf16",
+        ("fp16", "enabled"): cfg.train.precision == "fp16",
+    }
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
+    """The JSON named by train.deepspeed_config, completed from the YAML; contradictions are errors."""
+    path = Path(cfg.train.deepspeed_config or "")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"train.deepspeed_config: cannot read {path} ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage {stage!r}: DeepSpeed has stages 0, 1, 2 and 3")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"{path}: remove 'optimizer'/'scheduler'; distnmt passes torch ones built from optim.* in the YAML")
+    for keys, value in _owned_keys(cfg, world).items():
+        node: Any = ds
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        if keys[-1] in node and node[keys[-1]] != value:
+            raise ConfigError(
+                f"{path}: {'.'.join(keys)} is {node[keys[-1]]!r} but the YAML config implies {value!r} "
+                "(set it through the YAML: train.precision, train.accumulate, optim.clip_norm) or remove it"
+            )
+        node[keys[-1]] = value
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    """deepspeed.initialize on Ray's process group; ZeRO 0-3, bf16 or fp16 from the JSON + YAML."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device) -> None:
+        import deepspeed  # late: importing it probes accelerators and takes seconds
+
+        self.cfg = cfg
+        self.device = device
+        self.ds_config = deepspeed_config(cfg, _world())
+        optimizer = build_optimizer(model.parameters(), cfg.optim)  # a torch optimizer: no op compilation
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False,  # Ray Train already made the process group
+        )
+        self.module = self.engine.module
+
+    def train_step(self, batches: list[Batch]) -> StepStats:
+        scale = _world() / max(global_tokens(batches, self.device), 1.0)
+        loss_total = 0.0
+        for batch in batches:
+            logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)
+            loss_sum = token_loss_sum(logits, batch, self.cfg.optim.label_smoothing)
+            # Already normalised over all micro-batches: no further division by GAS.
+            self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            loss_total += float(loss_sum.detach())
+        grad_norm = self.engine.get_global_grad_norm()
+        scale_now = getattr(self.optimizer, "cur_scale", None) or getattr(self.optimizer, "loss_scale", 1.0)
+        return StepStats(
+            loss_sum=loss_total,
+            tokens=sum(b.num_target_tokens() for b in batches),
+            padded_tokens=sum(b.tgt_out.numel() for b in batches),
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=float(self.engine.get_lr()[0]),
+            loss_scale=float(scale_now),
+        )
+
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        # Full weights for the evaluator and `translate` (ZeRO <= 2 keeps every
+        # parameter on every rank; with bf16 they are the bf16 copies).
+        return {"model": {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}}
+
+    def save_sharded(self, directory: Path) -> None:
+        # A collective: every rank writes its optimizer partition (ZeRO) into its
+        # own copy of the directory; Ray merges the copies in storage.
+        self.engine.save_checkpoint(str(directory / DEEPSPEED_SUBDIR), tag=DEEPSPEED_TAG)
+
+    def load(self, state: dict[str, Any], directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory / DEEPSPEED_SUBDIR), tag=DEEPSPEED_TAG,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise RuntimeError(f"{directory / DEEPSPEED_SUBDIR}: DeepSpeed found no checkpoint to load")
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device, wrap: Optional[Any] = None) -> Engine:
+    """The engine train.backend names."""
+    if cfg.train.backend == "deepspeed":
+        return DeepSpeedEngine(cfg, model, device)
+    return DDPEngine(cfg, model, device, wrap or (lambda m: torch.nn.parallel.DistributedDataParallel(m)))
