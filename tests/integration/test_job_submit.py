@@ -1,0 +1,182 @@
+"""`ray job submit` end to end, through the launch/ scripts a user runs: a real Ray
+head on free ports (dashboard on 127.0.0.1, token auth), the quickstart config
+submitted with a tiny model, checkpoints and evaluator scores found in the run
+directory, a secret passed through without touching disk, then a second job
+stopped while it runs. The head is stopped by process id in the fixture's
+teardown, and the test checks that none of its processes is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+from distnmt.data.prepare import prepare
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+SHARED = REPO.parent / "shared" / "data" / "wmt14-en-fr"
+# A model small enough for a 40-step run in well under a minute on 2 busy cores.
+TINY = [
+    "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
+    "data.max_len=30", "data.max_tokens=600", "data.vocab_size=800",
+    "optim.name=adam", "optim.lr=0.003", "train.workers=2", "train.precision=fp32",
+    "train.cpus_per_worker=0.9", "eval.num_cpus=0.2",
+    "eval.beam_size=1", "eval.max_sentences=10", "eval.batch_sentences=10", "logging.log_every=10",
+]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _clean_env(state: Path) -> dict[str, str]:
+    """The test's environment minus anything pointing at another Ray cluster."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}}
+    env.update(DISTNMT_RAY_STATE=str(state), WANDB_MODE="offline", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else "python3"
+
+
+def _cluster_pids(state: Path, marker: str, env: dict[str, str]) -> list[int]:
+    out = _run([PYTHON, str(LAUNCH / "localray.py"), "pids", "--marker", marker, "--temp-dir", f"{state}/"], env, 60)
+    return [int(p) for p in out.stdout.split()]
+
+
+@dataclass
+class Head:
+    state: Path                # DISTNMT_RAY_STATE of the test's cluster
+    env: dict[str, str]        # environment for the launch/ scripts
+    api_env: dict[str, str]    # plus what a Ray client needs: job server URL, token auth
+
+    def job(self, expression: str, job_id: str) -> str:
+        """``expression`` on JobSubmissionClient ``c`` in a fresh process (Ray reads the
+        auth mode once per process, so the test's own process stays out of it)."""
+        code = ("import os; from ray.job_submission import JobSubmissionClient as C; "
+                f"c = C(os.environ['RAY_API_SERVER_ADDRESS']); job = {job_id!r}; print({expression})")
+        out = _run([PYTHON, "-c", code], self.api_env, 60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared() -> Iterator[Path]:
+    out = Path(tempfile.mkdtemp(prefix="dnt-prep-"))
+    prepare(SHARED, out, vocab_size=800, max_len=30, max_train_pairs=3000, progress=False)
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    """A local head from launch/start-head.sh, stopped by launch/stop-head.sh afterwards.
+
+    The state directory is short (/tmp/dnt-XXXX): Ray's socket paths live under it.
+    """
+    state = Path(tempfile.mkdtemp(prefix="dnt-", dir="/tmp")) / "s"
+    env = _clean_env(state)
+    marker = ""
+    try:
+        started = _run([str(LAUNCH / "start-head.sh"), "--num-cpus", "2"], env, 180)
+        assert started.returncode == 0, started.stderr
+        cluster = dict(line.split("=", 1) for line in (state / "cluster.env").read_text().splitlines())
+        marker = cluster["DISTNMT_RAY_CLUSTER"]
+        # The job server (dashboard) is on loopback only; the token is private.
+        assert cluster["DASHBOARD_URL"].startswith("http://127.0.0.1:")
+        assert (state / "auth_token").stat().st_mode & 0o077 == 0
+        api_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "auth_token"),
+                   "RAY_API_SERVER_ADDRESS": cluster["DASHBOARD_URL"]}
+        yield Head(state, env, api_env)
+    finally:
+        stopped = _run([str(LAUNCH / "stop-head.sh")], env, 120)
+        left = _cluster_pids(state, marker, env) if marker else []
+        shutil.rmtree(state.parent, ignore_errors=True)
+        assert stopped.returncode == 0, stopped.stderr
+        assert left == [], f"processes of the test's Ray cluster still alive: {left}"
+
+
+def test_submit_quickstart_then_logs(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
+    state, env = head.state, head.env
+    secret = "dnt-" + secrets.token_hex(12)
+    env = {**env, "DISTNMT_TEST_SECRET": secret}
+    storage = tmp_path / "runs"
+    started = time.time()
+    submit = _run(
+        [str(LAUNCH / "submit.sh"), "--env", "DISTNMT_TEST_SECRET", "--id", "dnt-job-1", "configs/quickstart.yaml",
+         *_sets(TINY + ["train.max_steps=40", "train.checkpoint_every=20",
+                        f"data.prepared_dir={tiny_prepared}", f"train.storage_path={storage}", "train.name=job"])],
+        env, 240,
+    )
+    output = submit.stdout + submit.stderr
+    assert submit.returncode == 0, output[-4000:]
+    assert "Job 'dnt-job-1' succeeded" in output
+    assert "newstest2013 checkpoint_00000040: BLEU|nrefs:1|" in output  # the driver's closing line
+    print(f"submit to success: {time.time() - started:.1f} s")
+
+    # Checkpoints and the evaluator's scores, in the run directory the job was told.
+    run_dir = storage / "job"
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints == ["checkpoint_00000020", "checkpoint_00000040"]
+    scores = [json.loads(line) for line in (run_dir / "eval" / "dev.jsonl").read_text().splitlines()]
+    assert sorted(r["checkpoint"] for r in scores) == checkpoints
+    assert all(0.0 <= r["bleu"] <= 100.0 for r in scores)
+
+    # What was uploaded: the code, without .git, .venv or data; distnmt/data/ kept.
+    packages = list((state / "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
+    assert packages, "no working_dir package found on the head"
+    uploaded = packages[0]
+    assert (uploaded / "distnmt" / "data").is_dir() and (uploaded / "configs" / "quickstart.yaml").is_file()
+    for left_out in (".git", ".venv", "data", "prepared", "runs", "bench-results"):
+        assert not (uploaded / left_out).exists(), left_out
+
+    # The secret reached the job's runtime_env, and no file of the cluster holds it.
+    passed = head.job("c.get_job_info(job).runtime_env['env_vars'].get('DISTNMT_TEST_SECRET')", "dnt-job-1")
+    assert passed == secret
+    leaks = subprocess.run(["grep", "-rl", secret, str(state), str(storage)], capture_output=True, text=True)
+    assert leaks.stdout == "", f"secret written to disk: {leaks.stdout}"
+
+    # launch/logs.sh replays the finished job and exits 0 for SUCCEEDED.
+    logs = _run([str(LAUNCH / "logs.sh"), "dnt-job-1"], env, 60)
+    assert logs.returncode == 0, logs.stderr[-2000:]
+    assert "checkpoint_00000040: BLEU|" in logs.stdout and "SUCCEEDED" in logs.stderr
+
+
+def test_stop_a_running_job(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
+    submit = _run(
+        [str(LAUNCH / "submit.sh"), "--no-wait", "--id", "dnt-job-2", "configs/quickstart.yaml",
+         *_sets(TINY + ["train.max_steps=100000", "train.checkpoint_every=100000",
+                        f"data.prepared_dir={tiny_prepared}", f"train.storage_path={tmp_path}", "train.name=long"])],
+        head.env, 120,
+    )
+    assert submit.returncode == 0, submit.stderr[-2000:]
+
+    def status() -> str:
+        return head.job("c.get_job_status(job).value", "dnt-job-2")
+
+    deadline = time.time() + 60
+    while status() != "RUNNING" and time.time() < deadline:
+        time.sleep(1)
+    assert status() == "RUNNING"
+    stop = _run([str(LAUNCH / "stop-job.sh"), "dnt-job-2"], head.env, 90)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    assert status() == "STOPPED"
+    # logs.sh says so with a non-zero exit.
+    assert _run([str(LAUNCH / "logs.sh"), "dnt-job-2"], head.env, 60).returncode != 0
