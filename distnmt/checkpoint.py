@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,24 @@ META_FILE = "meta.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path."""
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a ``checkpoint_<step>`` directory name (-1 if it has none)."""
+    digits = Path(path).name.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else -1
+
+
+def newest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The highest-step ``checkpoint_*`` in ``run_dir`` that verifies; broken ones are skipped with a warning."""
+    candidates = sorted((p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()), key=checkpoint_step, reverse=True)
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            warnings.warn(f"skipping checkpoint {path.name}: {err}", stacklevel=2)
+    return None
 
 
 @dataclass
@@ -118,8 +137,8 @@ def read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Verify checksums and load a checkpoint safely (weights_only)."""
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """Check the metadata and every listed file's sha256; return the metadata."""
     directory = Path(directory)
     meta = read_meta(directory)
     for name, expected in meta.get("files", {}).items():
@@ -128,6 +147,18 @@ def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -
             raise CheckpointError(f"{path}: missing from checkpoint")
         if sha256_file(path) != expected:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted checkpoint)")
+    for name in meta.get("required", []):
+        # Files other ranks add after rank 0 wrote meta.json (RNG states, ZeRO
+        # partitions): without them the checkpoint is incomplete.
+        if not (directory / name).exists():
+            raise CheckpointError(f"{directory / name}: missing from checkpoint (incomplete)")
+    return meta
+
+
+def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Verify checksums and load a checkpoint safely (weights_only)."""
+    directory = Path(directory)
+    meta = verify_checkpoint(directory)
     state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
     return LoadedCheckpoint(path=directory, meta=meta, state=state)
 

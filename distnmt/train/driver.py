@@ -39,7 +39,10 @@ def resolve_paths(cfg: Config) -> Config:
         source_dir=str(Path(cfg.data.source_dir).resolve()),
         prepared_dir=str(Path(cfg.data.prepared_dir).resolve()),
     )
-    train = dataclasses.replace(cfg.train, storage_path=str(Path(cfg.train.storage_path).resolve()))
+    storage = cfg.train.storage_path
+    if "://" not in storage:  # s3://, gs://... are left to Ray's storage layer
+        storage = str(Path(storage).resolve())
+    train = dataclasses.replace(cfg.train, storage_path=storage)
     return dataclasses.replace(cfg, data=data, train=train)
 
 
@@ -102,6 +105,7 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     started = time.time()
     owns_ray = init_ray(cfg)
+    evaluator = None
     try:
         print(f"[distnmt] Ray ready in {time.time() - started:.1f} s; run directory {run_dir}", flush=True)
         evaluator, evaluator_name = start_evaluator(cfg, run_dir)
@@ -115,6 +119,8 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         _summarize([r for r in records if r["split"] == "dev"], time.time() - fit_started)
         return records
     finally:
+        if evaluator is not None:
+            ray.kill(evaluator)  # on a shared cluster it would otherwise outlive the run
         if owns_ray:
             ray.shutdown()
 

@@ -11,8 +11,10 @@ epoch, the sampler's position and every rank's RNG states.
 
 from __future__ import annotations
 
+import os
 import random
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -26,7 +28,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from distnmt.checkpoint import load_checkpoint, save_checkpoint
+from distnmt.checkpoint import checkpoint_step, load_checkpoint, newest_valid_checkpoint, save_checkpoint
 from distnmt.config import Config, config_from_dict
 from distnmt.data.batch import Batch, collate
 from distnmt.data.prepare import load_manifest
@@ -140,7 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step, epoch = 0, 0
     wandb_id: Optional[str] = None
 
-    resume = ray.train.get_checkpoint()
+    resume = _resume_source(ray.train.get_checkpoint(), cfg, run_dir, rank)
     if resume is not None:
         with resume.as_directory() as directory:
             ckpt = load_checkpoint(Path(directory), map_location=device)
@@ -171,6 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while step < cfg.train.max_steps and epoch < cfg.train.max_epochs and not stop_reason:
         for group in _step_batches(sampler, cfg.train.accumulate):
             batches = [collate(src, tgt, indices).to(device) for indices in group]
+            _maybe_inject_fault(step + 1, rank)
             stats = engine.train_step(batches)
             meter.add(stats)
             step += 1
@@ -185,7 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     left = (len(sampler) - sampler.position) / cfg.train.accumulate
                     _log(step, epoch, cfg, metrics, stats, left * metrics["step_time_s"], wandb_run)
             if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps:
-                _checkpoint_and_report(cfg, engine, sampler, step, epoch, rank, manifest, vocab_size,
+                _checkpoint_and_report(cfg, engine, sampler, step, epoch, rank, world, manifest, vocab_size,
                                        wandb_run.id if wandb_run is not None else wandb_id)
                 stop_reason = _stop_requested(loop_config, rank)
             if step >= cfg.train.max_steps or stop_reason:
@@ -199,6 +202,50 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batch_log.close()
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def _resume_source(reported: Optional[ray.train.Checkpoint], cfg: Config, run_dir: Path,
+                   rank: int) -> Optional[ray.train.Checkpoint]:
+    """The checkpoint to resume from: the newest complete one, whoever knows of it.
+
+    Ray registers a reported checkpoint when its controller next polls (every 2 s
+    by default): a worker that dies just after reporting can leave Ray resuming
+    from an older checkpoint, or from none, although a newer one is on disk. On
+    local or mounted storage the run directory is therefore scanned too, and a
+    corrupt or incomplete checkpoint is skipped with a warning. Rank 0 decides and
+    tells the others, so every rank loads the same one.
+    """
+    if "://" in cfg.train.storage_path:  # cloud storage: Ray's registry is all we have
+        return reported
+    choice: list[Optional[str]] = [None]
+    if rank == 0:
+        newest = newest_valid_checkpoint(run_dir)
+        if newest is not None and (reported is None or checkpoint_step(Path(reported.path)) < checkpoint_step(newest)):
+            if reported is not None:
+                _say(f"[train] Ray's latest checkpoint is {Path(reported.path).name}; {newest.name} on disk is newer")
+            choice[0] = str(newest)
+        elif reported is not None:
+            choice[0] = reported.path
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return ray.train.Checkpoint.from_directory(choice[0]) if choice[0] else None
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Fault injection for the reliability tests: SIGKILL this worker before ``step``.
+
+    DISTNMT_FAULT_KILL="RANK:STEP:MARKER" kills rank RANK as it starts step STEP
+    (its peers are then blocked in the step's collectives), once: the marker file
+    keeps the restarted worker alive. A real signal to a real process.
+    """
+    spec = os.environ.get("DISTNMT_FAULT_KILL")
+    if not spec:
+        return
+    fault_rank, fault_step, marker = spec.split(":", 2)
+    if rank == int(fault_rank) and step == int(fault_step) and not Path(marker).exists():
+        Path(marker).write_text(f"rank {rank} killed at step {step}\n")
+        _say(f"[train] fault injection: SIGKILL rank {rank} at step {step}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _open_batch_log(cfg: Config, run_dir: Path, rank: int):
@@ -231,7 +278,7 @@ def _log(step: int, epoch: int, cfg: Config, metrics: dict[str, float], last: St
 
 
 def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSampler, step: int, epoch: int,
-                           rank: int, manifest: dict[str, Any], vocab_size: dict[str, int],
+                           rank: int, world: int, manifest: dict[str, Any], vocab_size: dict[str, int],
                            wandb_id: Optional[str]) -> None:
     """Every rank writes its part into its own temp dir and reports it; Ray merges them.
 
@@ -248,7 +295,10 @@ def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSamp
             save_checkpoint(
                 directory, state, step=step, config=cfg.to_dict(),
                 vocab_sha256=manifest["spm_sha256"],
-                extra_meta={"vocab_size": vocab_size, "epoch": epoch, "wandb_run_id": wandb_id},
+                extra_meta={
+                    "vocab_size": vocab_size, "epoch": epoch, "wandb_run_id": wandb_id, "world_size": world,
+                    "required": [f"{RNG_DIR}/rank{r}.pt" for r in range(world)],
+                },
                 extra_files={
                     SRC_SPM: prepared / f"spm.{cfg.data.src_lang}.model",
                     TGT_SPM: prepared / f"spm.{cfg.data.tgt_lang}.model",

@@ -13,36 +13,17 @@ from pathlib import Path
 import pytest
 
 from distnmt.checkpoint import load_checkpoint
-from distnmt.config import load_config
-from distnmt.data.prepare import prepare
 
 pytestmark = pytest.mark.integration
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "wmt14-en-fr"
-TINY = [
-    "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
-    "data.max_len=30", "data.max_tokens=600", "data.vocab_size=800",
-    "optim.name=adam", "optim.lr=0.003",
-    "train.workers=2", "train.max_steps=150", "train.checkpoint_every=50", "train.precision=fp32",
-    "eval.beam_size=2", "eval.max_sentences=30", "eval.batch_sentences=30",
-    "logging.log_every=10",
-]
 
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(SHARED, out, vocab_size=800, max_len=30, max_train_pairs=3000, progress=False)
-    return out
-
-
-def test_two_workers_train_while_the_evaluator_scores(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_workers_train_while_the_evaluator_scores(tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from distnmt.train.driver import run_training
 
     # Ray Train's controller polls every 2 s by default, which is long next to
     # this tiny run; the local cluster inherits this from the test's process.
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    cfg = load_config(None, TINY + [f"data.prepared_dir={prepared}", f"train.storage_path={tmp_path}", "train.name=it"])
+    cfg = tiny_config(tmp_path, "it", "train.max_steps=150", "train.checkpoint_every=50")
     records = run_training(cfg)
 
     run_dir = tmp_path / "it"
