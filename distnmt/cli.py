@@ -36,20 +36,39 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Raw WMT'14 files -> sentencepiece models + token-id arrays."""
+    """WMT'14 sources (a mirror directory, or downloads) -> cleaned, sentencepiece-encoded, sharded token arrays.
+
+    Prints and writes (report.md, report.json) the pairs read, kept and dropped per
+    cleaning rule and per part. Re-running with the same inputs and config reuses
+    what is done; see docs/DATA.md.
+    """
+    from distnmt.data.clean import CleanRules
     from distnmt.data.prepare import prepare
 
-    cfg = _config(args)
+    overrides = list(args.overrides)
+    if args.mirror is not None:
+        overrides.append(f"data.source_dir={args.mirror}")
+    cfg = load_config(args.config, overrides)
     d = cfg.data
+    for key, value, low in (("shard_size", d.shard_size, 1), ("spm_sample_pairs", d.spm_sample_pairs, 1),
+                            ("workers", d.workers, 1), ("max_words", d.max_words, 1), ("max_ratio", d.max_ratio, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"data.{key}: {value!r} must be at least {low}" + (" or null" if key in ("workers", "max_words", "max_ratio") else ""))
+    rules = CleanRules(normalize=d.normalize, fold_line_breaks=d.fold_line_breaks, drop_empty=d.drop_empty,
+                       max_words=d.max_words, max_ratio=d.max_ratio, dedupe=d.dedupe)
     started = time.time()
     result = prepare(
-        Path(d.source_dir), Path(d.prepared_dir),
+        Path(d.source_dir) if d.source_dir is not None else None, Path(d.prepared_dir),
         train_prefix=d.train_prefix, dev_prefix=d.dev_prefix, test_src=d.test_src, test_ref=d.test_ref,
         src_lang=d.src_lang, tgt_lang=d.tgt_lang, vocab_size=d.vocab_size, model_type=d.spm_model_type,
         max_len=d.max_len, max_train_pairs=d.max_train_pairs, seed=cfg.train.seed, progress=not args.quiet,
+        preset=d.preset, parts=d.parts, dev_sets=d.dev_sets, test_set=d.test_set, cache_dir=Path(d.cache_dir),
+        verify_checksums=d.verify_checksums, rules=rules, joint_vocab=d.joint_vocab,
+        spm_sample_pairs=d.spm_sample_pairs, shard_size=d.shard_size, workers=d.workers,
     )
     counts = result.manifest.get("counts", {})
     print(f"[prepare] wrote {result.out_dir} in {time.time() - started:.1f} s: {json.dumps(counts)}", flush=True)
+    print(f"[prepare] report: {result.out_dir / 'report.md'}", flush=True)
     return 0
 
 
@@ -128,10 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distnmt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="train sentencepiece and write token-id arrays from raw WMT'14 files",
+    p = sub.add_parser("prepare", help="clean WMT'14, train sentencepiece, write sharded token arrays",
                        description=cmd_prepare.__doc__)
     _add_config_args(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--mirror", metavar="DIR",
+                   help="local directory holding the WMT'14 archives or their extracted files "
+                        "(sets data.source_dir; with data.source_dir null, prepare downloads)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or report table")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train on Ray (DDP workers + evaluator actor)", description=cmd_train.__doc__)

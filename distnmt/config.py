@@ -26,22 +26,46 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where the raw corpus is, where the prepared one goes, and how batches are cut."""
+    """Where the raw corpus is, how it is cleaned and encoded, where the prepared one goes,
+    and how batches are cut (every key is explained in configs/quickstart.yaml and docs/DATA.md)."""
 
-    source_dir: str = "../shared/data/wmt14-en-fr"
+    # Sources: a mirror directory (archives or extracted files), or null to download.
+    source_dir: Optional[str] = "../shared/data/wmt14-en-fr"
     prepared_dir: str = "prepared/sample"
+    cache_dir: str = "prepared/cache"
     src_lang: str = "en"
     tgt_lang: str = "fr"
+    preset: Optional[str] = None
+    parts: Optional[list[str]] = None
+    dev_sets: Optional[list[str]] = None
+    test_set: Optional[str] = None
+    verify_checksums: bool = True
+    # Without preset/parts/dev_sets/test_set: these paths under source_dir.
     train_prefix: str = "train/train"
     dev_prefix: str = "dev/newstest2013"
     test_src: str = "test/newstest2014-fren-src.en.sgm"
     test_ref: str = "test/newstest2014-fren-ref.fr.sgm"
+    # Cleaning rules (distnmt/data/clean.py), each switchable and counted.
+    normalize: Optional[Literal["NFC", "NFKC"]] = "NFC"
+    fold_line_breaks: bool = True
+    drop_empty: bool = True
+    max_words: Optional[int] = None
+    max_ratio: Optional[float] = None
+    dedupe: bool = False
+    # Sentencepiece.
     vocab_size: int = 8000
     spm_model_type: Literal["bpe", "unigram"] = "bpe"
+    joint_vocab: bool = False
+    spm_sample_pairs: int = 1_000_000
+    # Encoding, sharding.
     max_len: int = 50
     max_train_pairs: Optional[int] = None
+    shard_size: int = 100_000
+    workers: Optional[int] = None
+    # Batching.
     max_tokens: int = 2048
     pool_batches: int = 20
+    max_sentences: Optional[int] = None
 
 
 @dataclass

@@ -1,13 +1,15 @@
-"""Tests for distnmt.data on the real WMT'14 sample: SGML, corpus reading, sentencepiece,
-token arrays, the bucketed sampler, batching and prepare end to end."""
+"""Unit tests for distnmt.data on the real WMT'14 sample: SGML, corpus reading, block
+streaming, cleaning rules, sentencepiece, token arrays (single and sharded) and batching.
+The sampler is in test_data_sampler.py, sources in test_data_sources.py, prepare in
+test_data_prepare.py."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import itertools
-import json
 import pickle
+import re
 import unicodedata
 from pathlib import Path
 
@@ -17,10 +19,13 @@ import torch
 
 from distnmt.data import (
     BOS_ID, EOS_ID, PAD_ID, UNK_ID,
-    BucketBatchSampler, DataError, TokenArray, Tokenizer,
-    collate, collate_sentences, load_manifest, open_text, prepare, read_lines, read_parallel,
-    read_sgml_segments, train_sentencepiece, write_token_array,
+    CleanRules, DataError, TokenArray, Tokenizer,
+    collate, collate_sentences, open_text, read_lines, read_parallel,
+    read_sgml, read_sgml_parallel, read_sgml_segments, train_sentencepiece, write_token_array,
 )
+from distnmt.data.clean import DROPPING_RULES, clean_block
+from distnmt.data.shards import write_shard_index
+from distnmt.data.stream import LineBlockReader, decode_block, iter_parallel_blocks, SourceDigest
 
 # ---------------------------------------------------------------------------- SGML
 
@@ -52,6 +57,55 @@ def test_sgml_unescapes_and_rejects_malformed(tmp_path: Path) -> None:
     empty.write_text("<refset>\n</refset>\n", encoding="utf-8")
     with pytest.raises(DataError, match="no <seg> elements"):
         read_sgml_segments(empty)
+
+
+def test_newstest2014_pairs_by_doc_and_seg_id(shared_data: Path) -> None:
+    src_path, ref_path = shared_data / "test/newstest2014-fren-src.en.sgm", shared_data / "test/newstest2014-fren-ref.fr.sgm"
+    src, ref = read_sgml_parallel(src_path, ref_path)
+    assert len(src) == len(ref) == 3003
+    assert ref == read_lines(shared_data / "test/newstest2014.fr")
+    segments = read_sgml(src_path)
+    assert len({seg.docid for seg in segments}) == 176
+    assert len({seg.key for seg in segments}) == 3003
+    assert segments[1].docid == segments[0].docid and segments[1].segid == "2"
+
+
+def _sgml(docs: list[tuple[str, list[tuple[str, str]]]], kind: str = "refset") -> str:
+    body = "".join(
+        f'<doc docid="{d}" genre="news">\n' + "".join(f'<seg id="{i}">{t}</seg>\n' for i, t in segs) + "</doc>\n"
+        for d, segs in docs
+    )
+    return f'<{kind} setid="t" srclang="any">\n{body}</{kind}>\n'
+
+
+def test_sgml_matches_by_id_not_by_position(tmp_path: Path) -> None:
+    src, ref = tmp_path / "src.sgm", tmp_path / "ref.sgm"
+    src.write_text(_sgml([("a", [("1", "one"), ("2", "two")]), ("b", [("1", "three")])], "srcset"), encoding="utf-8")
+    # the reference lists its documents and segments in another order
+    ref.write_text(_sgml([("b", [("1", "trois")]), ("a", [("2", "deux"), ("1", "un")])]), encoding="utf-8")
+    assert read_sgml_parallel(src, ref) == (["one", "two", "three"], ["un", "deux", "trois"])
+
+    ref.write_text(_sgml([("a", [("1", "un"), ("2", "deux")]), ("b", [("7", "sept")])]), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{ref}: no seg id '1' in doc 'b' \(the source has it at {src}:7\)$"):
+        read_sgml_parallel(src, ref)
+    ref.write_text(_sgml([("a", [("1", "un"), ("2", "deux"), ("3", "trois")]), ("b", [("1", "x")])]), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{src}: no seg id '3' in doc 'a' \(the reference has it at {ref}:5\)$"):
+        read_sgml_parallel(src, ref)
+
+
+@pytest.mark.parametrize("text, line, what", [
+    ('<refset>\n<doc docid="a">\n<seg id="1">x</seg>\n<seg id="1">y</seg>\n</doc>\n', 4, "duplicate seg id '1' in doc 'a'"),
+    ('<refset>\n<seg id="1">x</seg>\n', 2, "<seg> outside any <doc>"),
+    ('<refset>\n<doc docid="a">\n<seg>x</seg>\n</doc>\n', 3, "<seg> without an id"),
+    ('<refset>\n<doc genre="n">\n<seg id="1">x</seg>\n</doc>\n', 2, "<doc> without a docid"),
+    ('<refset>\n<doc docid="a">\n<seg id="1">x</seg>\n', 2, "<doc docid='a'> is never closed"),
+    ('<refset>\n<doc docid="a">\n<doc docid="b">\n', 3, "<doc> opened inside doc 'a'"),
+])
+def test_malformed_sgml_names_file_and_line(tmp_path: Path, text: str, line: int, what: str) -> None:
+    path = tmp_path / "bad.sgm"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}:{line}: {re.escape(what)}"):
+        read_sgml(path)
 
 
 # -------------------------------------------------------------------------- corpus
@@ -105,6 +159,76 @@ def test_missing_or_truncated_file_is_data_error(tmp_path: Path) -> None:
     truncated.write_bytes(gzip.compress(b"some line\n" * 1000)[:-20])
     with pytest.raises(DataError, match=rf"^{truncated}: cannot read: EOFError"):
         read_lines(truncated)
+
+
+# ------------------------------------------------------------------------- stream
+
+
+def test_parallel_blocks_equal_line_reading(shared_data: Path) -> None:
+    src, tgt = shared_data / "train/train.en.gz", shared_data / "train/train.fr.gz"
+    digest = SourceDigest()
+    blocks = list(iter_parallel_blocks(src, tgt, 5000, digest=digest))
+    assert [b.count for b in blocks] == [5000] * 9 + [2954]
+    assert [b.first_line for b in blocks[:3]] == [1, 5001, 10001]
+    en = [line for b in blocks for line in decode_block(b.src, src, b.first_line)]
+    fr = [line for b in blocks for line in decode_block(b.tgt, tgt, b.first_line)]
+    assert list(zip(en, fr)) == list(read_parallel(src, tgt))
+    # the checksums of the files as stored, as in the sample's SHA256SUMS
+    sums = dict(line.split()[::-1] for line in (shared_data / "SHA256SUMS").read_text().splitlines())
+    assert (digest.src_sha256, digest.tgt_sha256) == (sums["train/train.en.gz"], sums["train/train.fr.gz"])
+    assert digest.lines == 47954 and digest.src_size == src.stat().st_size
+    # a limit stops early, yet the checksum still covers the whole file
+    limited = SourceDigest()
+    assert sum(b.count for b in iter_parallel_blocks(src, tgt, 300, limit=1000, digest=limited)) == 1000
+    assert limited.src_sha256 == digest.src_sha256
+
+
+def test_blocks_count_mismatch_empty_and_last_line(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.en", tmp_path / "b.fr"
+    a.write_text("1\n2\n3\n4\n5", encoding="utf-8")  # no final newline: still 5 lines
+    b.write_text("1\n2\n3\n4\n5\n6\n7\n", encoding="utf-8")
+    for size in (2, 5, 100):
+        with pytest.raises(DataError, match=rf"^{a}: has 5 lines but {b} has 7$"):
+            list(iter_parallel_blocks(a, b, size))
+        with pytest.raises(DataError, match=rf"^{a}: has 5 lines but {b} has 7$"):
+            list(iter_parallel_blocks(b, a, size))
+    b.write_text("1\n2\n3\n4\n\n", encoding="utf-8")
+    assert [decode_block(x.tgt, b, 1) for x in iter_parallel_blocks(a, b, 3)] == [["1", "2", "3"], ["4", ""]]
+    empty = tmp_path / "empty.en"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"^{empty}: empty"):
+        list(iter_parallel_blocks(empty, empty, 10))
+
+
+def test_block_decoding_names_file_and_line(tmp_path: Path) -> None:
+    data = "fine\nstill fine\n".encode() + b"caf\xe9 latin-1\nlast\n"
+    with pytest.raises(DataError, match=r"^x.en:103: not valid UTF-8 \(invalid continuation byte at byte 4 of the line\)"):
+        decode_block(data, "x.en", 101)
+    truncated = tmp_path / "cut.en.gz"
+    truncated.write_bytes(gzip.compress(b"some line\n" * 100000)[:-200])
+    with pytest.raises(DataError, match=rf"^{truncated}:\d+: cannot read: EOFError"), LineBlockReader(truncated) as r:
+        r.take(10**6)
+
+
+# -------------------------------------------------------------------------- clean
+
+
+def test_every_cleaning_rule_is_counted_and_switchable() -> None:
+    src = ["Ok.", "  ", "café", "line\u2028break", "w " * 60, "one two three four", "same", "a\rb"]
+    tgt = ["Oui.", "vide", "cafe\u0301", "saut", "short", "un", "same", "c"]
+    kept_src, kept_tgt, counts = clean_block(src, tgt, CleanRules(max_words=50, max_ratio=3.0))
+    assert counts["read"] == 8 and counts["kept"] == len(kept_src) == 5
+    assert (counts["empty"], counts["max_words"], counts["ratio"]) == (1, 1, 1)
+    assert counts["line_breaks"] == 2 and counts["normalize"] == 1
+    assert kept_src == ["Ok.", "café", "line break", "same", "a b"]
+    assert kept_tgt[1] == "café"  # NFC composed e + combining acute
+    assert counts["read"] == counts["kept"] + sum(counts[r] for r in DROPPING_RULES)
+
+    off = CleanRules(normalize=None, fold_line_breaks=False, drop_empty=False)
+    kept_src, kept_tgt, counts = clean_block(src, tgt, off)
+    assert counts["kept"] == 8 and kept_src[3] == "line\u2028break" and kept_tgt[2] == "cafe\u0301" and kept_src[1] == ""
+    with pytest.raises(ValueError, match="normalize"):
+        CleanRules(normalize="NFD")
 
 
 # ----------------------------------------------------------------------- tokenizer
@@ -201,6 +325,37 @@ def test_token_array_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("a.")) == ["a.ids.npy", "a.offsets.npy"]
 
 
+def test_sharded_token_array_reads_as_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(4, 900, size=rng.integers(1, 30)).tolist() for _ in range(250)]
+    cuts = [0, 100, 100, 180, 250]  # one shard is empty
+    shards = []
+    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        write_token_array(tmp_path / "shards" / f"s{k}.en", seqs[a:b])
+        shards.append((tmp_path / "shards" / f"s{k}.en", b - a, sum(len(x) for x in seqs[a:b])))
+    write_shard_index(tmp_path / "train.en", shards)
+    arr = TokenArray(tmp_path / "train.en")
+    assert len(arr) == 250 and arr.num_shards == 4 and arr.num_tokens == sum(map(len, seqs))
+    assert arr.lengths.tolist() == [len(x) for x in seqs]
+    for i in (0, 99, 100, 179, 180, 249, -1):
+        assert arr[i].tolist() == seqs[i]
+    order = [249, 0, 100, 180, 5]
+    assert [x.tolist() for x in arr.gather(order)] == [seqs[i] for i in order]
+    assert pickle.loads(pickle.dumps(arr))[181].tolist() == seqs[181]
+    src = collate(arr, arr, [3, 150])
+    assert src.src[1, : len(seqs[150])].tolist() == seqs[150]
+
+    # a shard that does not match the index is caught when opening
+    write_token_array(tmp_path / "shards" / "s2.en", seqs[100:170])
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'train.en.shards.json'}: shard shards/s2.en has 70 sequences"):
+        TokenArray(tmp_path / "train.en")
+    write_token_array(tmp_path / "shards" / "s2.en", seqs[100:180])
+    assert len(TokenArray(tmp_path / "train.en")) == 250
+    (tmp_path / "shards" / "s3.en.ids.npy").unlink()
+    with pytest.raises(DataError, match="s3.en.ids.npy: missing"):
+        TokenArray(tmp_path / "train.en")
+
+
 def test_token_array_corruption_is_data_error(tmp_path: Path) -> None:
     write_token_array(tmp_path / "a", [[5, 6, 7], [8], [9, 10]])
     offsets = tmp_path / "a.offsets.npy"
@@ -215,148 +370,6 @@ def test_token_array_corruption_is_data_error(tmp_path: Path) -> None:
         TokenArray(tmp_path / "a")
     with pytest.raises(DataError, match=rf"^{tmp_path / 'b.ids.npy'}: missing"):
         TokenArray(tmp_path / "b")
-
-
-# ------------------------------------------------------------------------- sampler
-
-
-@pytest.fixture(scope="module")
-def word_lengths(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Real (src, tgt) word counts of the training sample, up to 50 words as in the paper."""
-    pairs = read_parallel(shared_data / "train/train.en.gz", shared_data / "train/train.fr.gz")
-    lengths = np.array([(len(en.split()), len(fr.split())) for en, fr in pairs])
-    lengths = lengths[(lengths.max(axis=1) <= 50) & (lengths.min(axis=1) > 0)]
-    return lengths[:, 0], lengths[:, 1]
-
-
-def _epoch(sampler: BucketBatchSampler) -> list[list[int]]:
-    return list(sampler)
-
-
-def _samplers(src, tgt, world: int, **kw) -> list[BucketBatchSampler]:
-    return [BucketBatchSampler(src, tgt, num_replicas=world, rank=r, **kw) for r in range(world)]
-
-
-def _cost(src, tgt, batch) -> int:
-    return len(batch) * int(max(src[batch].max(), tgt[batch].max()) + 1)
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_sampler_covers_every_pair_once(word_lengths, world: int) -> None:
-    src, tgt = word_lengths
-    samplers = _samplers(src, tgt, world, max_tokens=2048, seed=3)
-    for epoch in (0, 1):
-        for s in samplers:
-            s.set_epoch(epoch)
-        per_rank = [_epoch(s) for s in samplers]
-        counts = {len(b) for b in per_rank}
-        assert counts == {len(samplers[0])}  # the same number of batches on every rank
-        dropped = samplers[0].dropped_batches()
-        assert len(dropped) < world
-        seen = [i for batches in per_rank for b in batches for i in b]
-        all_seen = seen + [i for b in dropped for i in b]
-        assert len(all_seen) == len(set(all_seen)) == len(src)
-        for batches in per_rank:
-            assert all(_cost(src, tgt, b) <= 2048 for b in batches)
-
-
-def test_sampler_small_cases_exhaustive() -> None:
-    rng = np.random.default_rng(0)
-    skipped = 0
-    for trial in range(200):
-        n = int(rng.integers(1, 60))
-        src, tgt = rng.integers(0, 12, size=n), rng.integers(0, 12, size=n)
-        max_tokens = int(rng.integers(13, 80))
-        world = int(rng.integers(1, 4))
-        kw = dict(max_tokens=max_tokens, seed=trial, pool_batches=int(rng.integers(1, 5)),
-                  max_sentences=[None, 3][trial % 2], shuffle=bool(trial % 3))
-        try:
-            samplers = _samplers(src, tgt, world, **kw)
-            per_rank = [_epoch(s) for s in samplers]
-        except DataError as exc:  # fewer batches than replicas: must say so
-            assert "replicas" in str(exc)
-            skipped += 1
-            continue
-        flat = [i for batches in per_rank for b in batches for i in b]
-        flat += [i for b in samplers[0].dropped_batches() for i in b]
-        assert sorted(flat) == list(range(n))
-        assert len({len(b) for b in per_rank}) == 1
-        for b in itertools.chain.from_iterable(per_rank):
-            assert b and _cost(src, tgt, b) <= max_tokens
-            assert kw["max_sentences"] is None or len(b) <= kw["max_sentences"]
-    assert skipped < 20
-
-
-def test_sampler_is_deterministic(word_lengths) -> None:
-    src, tgt = word_lengths
-    a = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=7)
-    b = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=7)
-    assert _epoch(a) == _epoch(b)
-    a.set_epoch(1)
-    b.set_epoch(1)
-    first = _epoch(a)
-    assert first == _epoch(b)
-    a.set_epoch(0)
-    assert _epoch(a) != first  # batches differ from epoch to epoch
-    c = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=8)
-    c.set_epoch(1)
-    assert _epoch(c) != first
-
-
-def test_sampler_resumes_exactly(word_lengths) -> None:
-    src, tgt = word_lengths
-    full = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=5)
-    full.set_epoch(2)
-    expected = _epoch(full)
-    assert full.state_dict()["position"] == len(full) == len(expected)
-
-    run = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=5)
-    run.set_epoch(2)
-    it = iter(run)
-    head = [next(it) for _ in range(10)]
-    state = run.state_dict()
-    assert state == {"epoch": 2, "position": 10, "seed": 5, "num_replicas": 2, "max_tokens": 4096}
-
-    # a fresh process: same config, state from rank 0's checkpoint (states are rank-independent)
-    resumed = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=5)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    resumed.set_epoch(2)  # what a training loop does at the top of the epoch: must keep the position
-    assert head + list(resumed) == expected
-    resumed.set_epoch(3)
-    assert resumed.state_dict()["position"] == 0 and len(list(resumed)) == len(resumed)
-
-    for key, value in (("seed", 6), ("num_replicas", 4), ("max_tokens", 2048)):
-        other = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=5)
-        with pytest.raises(ValueError, match=key):
-            other.load_state_dict({**state, key: value})
-
-
-def test_sampler_rejects_pair_over_budget() -> None:
-    src, tgt = np.array([3, 4, 30, 2]), np.array([3, 40, 5, 2])
-    with pytest.raises(DataError, match=r"^pair 1: needs 41 tokens .* max_tokens is 32"):
-        BucketBatchSampler(src, tgt, max_tokens=32)
-
-
-def test_sampler_padding_efficiency(word_lengths) -> None:
-    src, tgt = word_lengths
-    default = BucketBatchSampler(src, tgt, max_tokens=4096)
-    wide = BucketBatchSampler(src, tgt, max_tokens=4096, pool_batches=100)
-    # Random batching: the same greedy token budget over the shuffled order, unsorted.
-    order = np.random.default_rng(0).permutation(len(src))
-    real = padded = 0
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and _cost(src, tgt, order[start:end + 1]) <= 4096:
-            end += 1
-        b = order[start:end]
-        real += int((src[b] + 1).sum() + (tgt[b] + 1).sum())
-        padded += len(b) * int(src[b].max() + tgt[b].max() + 2)
-        start = end
-    random_eff = real / padded
-    assert random_eff < 0.6
-    assert default.padding_efficiency() > 0.85
-    assert wide.padding_efficiency() >= 0.9
 
 
 # --------------------------------------------------------------------------- batch
@@ -381,72 +394,3 @@ def test_collate_layout(tmp_path: Path) -> None:
     assert src.tolist() == [[5, 6, E], [E, P, P], [7, E, P]] and lengths.tolist() == [3, 1, 2]
 
 
-# ------------------------------------------------------------------------- prepare
-
-
-@pytest.fixture(scope="module")
-def prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("prepared")
-    return prepare(shared_data, out, vocab_size=500, max_train_pairs=2000, progress=False)
-
-
-def test_prepare_end_to_end(prepared, shared_data: Path) -> None:
-    out, manifest = prepared.out_dir, prepared.manifest
-    assert load_manifest(out) == manifest
-    assert manifest["version"] == 1 and manifest["vocab_size"] == 500 and manifest["max_len"] == 50
-    counts, dropped = manifest["counts"], manifest["dropped"]
-    assert counts["train_read"] == 2000
-    assert counts["train"] + dropped["empty"] + dropped["too_long"] == 2000
-    assert dropped["too_long"] > 0  # Europarl has sentences over 50 subwords
-    assert counts["dev"] == 3000 and counts["test"] == 3003
-
-    tok = {lang: Tokenizer(out / f"spm.{lang}.model") for lang in ("en", "fr")}
-    assert {lang: t.sha256 for lang, t in tok.items()} == manifest["spm_sha256"]
-    src, tgt = TokenArray(out / "train.en"), TokenArray(out / "train.fr")
-    assert len(src) == len(tgt) == counts["train"]
-    assert src.num_tokens == counts["train_tokens_en"] and tgt.num_tokens == counts["train_tokens_fr"]
-    assert 1 <= src.lengths.min() and max(src.lengths.max(), tgt.lengths.max()) <= 50
-    assert int(np.load(out / "train.fr.ids.npy").max()) < 500
-
-    # the first training pair is short and clean: it decodes back to the raw text
-    en, fr = next(read_parallel(shared_data / "train/train.en.gz", shared_data / "train/train.fr.gz"))
-    assert tok["en"].decode(src[0]) == en and tok["fr"].decode(tgt[0]) == fr
-
-    # raw references are copied unchanged; sources are encoded in full
-    assert (out / "dev.en").read_bytes() == (shared_data / "dev/newstest2013.en").read_bytes()
-    assert (out / "dev.fr").read_bytes() == (shared_data / "dev/newstest2013.fr").read_bytes()
-    assert (out / "test.fr").read_bytes() == (shared_data / "test/newstest2014.fr").read_bytes()
-    assert read_lines(out / "test.en") == read_lines(shared_data / "test/newstest2014.en")
-    dev = TokenArray(out / "dev.en")
-    assert len(dev) == 3000 and dev[5].tolist() == tok["en"].encode(read_lines(out / "dev.en")[5])
-    assert len(TokenArray(out / "test.en")) == 3003
-    assert not list(out.glob("*.tmp")) and not list(out.glob("*.scratch"))
-
-
-def test_prepare_is_deterministic(prepared, shared_data: Path, tmp_path: Path) -> None:
-    again = prepare(shared_data, tmp_path, vocab_size=500, max_train_pairs=2000, progress=False)
-    assert again.manifest["spm_sha256"] == prepared.manifest["spm_sha256"]
-    assert again.manifest["counts"] == prepared.manifest["counts"]
-    for name in ("train.en.ids.npy", "train.fr.offsets.npy", "test.en.ids.npy"):
-        assert (tmp_path / name).read_bytes() == (prepared.out_dir / name).read_bytes()
-
-
-def test_load_manifest_errors(prepared, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=rf"^{tmp_path}/manifest.json: missing; run `distnmt prepare` first"):
-        load_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text("{\n  oops", encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{tmp_path}/manifest.json:2: invalid JSON"):
-        load_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({**prepared.manifest, "version": 99}), encoding="utf-8")
-    with pytest.raises(DataError, match="version 99 is not supported"):
-        load_manifest(tmp_path)
-    # manifest from one prepare, sentencepiece models from another
-    (tmp_path / "manifest.json").write_text(json.dumps(prepared.manifest), encoding="utf-8")
-    (tmp_path / "spm.en.model").write_bytes(b"other")
-    with pytest.raises(DataError, match=rf"^{tmp_path}/spm.en.model: sha256 .* does not match"):
-        load_manifest(tmp_path)
-
-
-def test_prepare_missing_source_names_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=rf"^{tmp_path}/train/train.en.gz: missing"):
-        prepare(tmp_path, tmp_path / "out", progress=False)

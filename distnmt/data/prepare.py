@@ -1,51 +1,151 @@
-"""``distnmt prepare``: raw WMT'14 files -> sentencepiece models + token arrays + manifest.
+"""``distnmt prepare``: WMT'14 sources -> cleaned, sentencepiece-encoded, sharded token arrays.
+
+Stages, each skipped when its stamp shows it was done before with the same inputs
+(so a re-run after a crash, or with only ``max_len`` changed, redoes only what changed):
+
+1. **sources**: registry parts and eval sets from a mirror directory or downloaded
+   (:mod:`distnmt.data.fetch`); or, without parts, ``{train_prefix}.{lang}[.gz]``.
+2. **clean**: the main process cuts each part into shards of ``shard_size`` pairs
+   (raw bytes, no per-line Python work); worker processes decode, clean
+   (:mod:`distnmt.data.clean`) and write each shard's text.
+3. **dedupe** (optional): exact duplicates over the whole corpus, the first kept,
+   in bounded memory (64-bit hashes, processed in buckets).
+4. **sample**: a uniform random sample of ``spm_sample_pairs`` cleaned pairs,
+   independent of the number of workers.
+5. **sentencepiece**: one joint model or one per language, trained on the sample.
+6. **encode**: workers encode each shard, drop pairs empty or longer than
+   ``max_len`` subwords, and write its token arrays.
+7. **dev/test**: raw text (BLEU is scored on it, never cleaned) + encoded source;
+   SGML source and reference are matched by document and segment ids.
+8. **index, report, manifest**: ``manifest.json`` is written last; its presence
+   means "done", and it is deleted first thing, so a failed run is never taken as
+   a finished one.
 
 Output layout of ``out_dir``::
 
-    spm.{src,tgt}.model / .vocab     one sentencepiece model per language
-    train.{src,tgt}.{ids,offsets}.npy  filtered, encoded training pairs
-    dev.{src}.{ids,offsets}.npy        encoded dev source (every sentence kept)
-    test.{src}.{ids,offsets}.npy       encoded test source (every sentence kept)
-    dev.{src,tgt}, test.{src,tgt}      raw text, unchanged: BLEU is scored on it
-    manifest.json                      written last: its presence means "done"
-
-Training pairs with an empty side, or more than ``max_len`` subwords on either
-side, are dropped and counted in the manifest (the paper trains on sentences of
-up to 50 words). Dev and test are never filtered: the reported BLEU must cover
-every sentence of newstest2014.
+    manifest.json                    sizes, vocab hashes, source checksums, exact config
+    report.json, report.md           pairs read, kept and dropped per rule, per part
+    spm.{src,tgt}.model / .vocab     sentencepiece (the same file twice with a joint vocab)
+    train.{src,tgt}.shards.json      shard lists: TokenArray(out_dir / "train.en") opens them
+    shards/{part}-{k}.{lang}.{ids,offsets}.npy   encoded training pairs, one block each
+    dev.{src,tgt}, test.{src,tgt}    raw text, unchanged
+    dev.{src}.*.npy, test.{src}.*.npy  encoded sources
+    work/                            intermediate text and stamps, reused by re-runs;
+                                     safe to delete once prepared (re-runs then redo it)
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
-import itertools
 import json
+import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 from tqdm import tqdm
 
-from distnmt.data.corpus import read_lines, read_parallel
+from distnmt.data.clean import DROPPING_RULES, MODIFYING_RULES, CleanRules
+from distnmt.data.corpus import read_lines
 from distnmt.data.errors import DataError
-from distnmt.data.shards import TokenArrayWriter
+from distnmt.data.fetch import Fetcher, file_sha256
+from distnmt.data.sgml import read_sgml_parallel
+from distnmt.data.shards import TokenArrayWriter, ids_path, index_path, offsets_path, write_shard_index
+from distnmt.data.sources import REGISTRY, Registry
+from distnmt.data.stages import (
+    CleanTask, EncodeTask, SampleTask, Workers, clean_shard, default_workers, encode_shard, init_encoder,
+    make_key, read_stamp, read_text_lines, sample_keys, sample_shard, write_stamp,
+)
+from distnmt.data.stream import SourceDigest, iter_parallel_blocks
 from distnmt.data.tokenizer import Tokenizer, train_sentencepiece
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-_ENCODE_CHUNK = 10_000  # lines per encode_batch call: bounds memory, keeps threads busy
-_REQUIRED_KEYS = ("version", "src_lang", "tgt_lang", "vocab_size", "max_len", "counts", "dropped", "spm_sha256")
+_ENCODE_CHUNK = 10_000  # lines per encode_batch call for dev/test
+_DEDUPE_BUCKET = 1 << 22  # hashes sorted at once: about 130 MB of arrays per bucket
+_REQUIRED_KEYS = ("version", "src_lang", "tgt_lang", "vocab_size", "max_len", "counts", "dropped", "spm_sha256", "shards")
 
 
 @dataclass
 class PrepareResult:
     out_dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Shard:
+    """One block of one part as it goes through the stages."""
+
+    name: str
+    part: str
+    key: str                                  # what its cleaned text depends on
+    counts: dict[str, int] = field(default_factory=dict)  # from the clean stage
+    drop: Optional[Path] = None               # duplicate positions (dedupe stage)
+    duplicates: int = 0
+    encoded: dict[str, Any] = field(default_factory=dict)  # from the encode stage
+
+    @property
+    def kept(self) -> int:
+        return int(self.counts["kept"])
+
+
+@dataclass
+class _Run:
+    """What every stage needs to know."""
+
+    out_dir: Path
+    work: Path
+    langs: tuple[str, str]
+    rules: CleanRules
+    workers: int
+    progress: bool
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            tqdm.write(text, file=sys.stderr)
+
+    def bar(self, desc: str, total: Optional[int], unit: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not self.progress, mininterval=1.0)
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+class _SourceCache:
+    """sha256 of input files by (path, size, mtime), so a re-run need not read a part to know it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._data = {}
+
+    @staticmethod
+    def _stat(file: Path) -> list[int]:
+        st = file.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def get(self, file: Path) -> Optional[str]:
+        entry = self._data.get(str(file.resolve()))
+        if entry and entry["stat"] == self._stat(file):
+            return str(entry["sha256"])
+        return None
+
+    def put(self, file: Path, sha256: str) -> None:
+        self._data[str(file.resolve())] = {"stat": self._stat(file), "sha256": sha256}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self._data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self.path)
 
 
 def _train_file(source_dir: Path, prefix: str, lang: str) -> Path:
@@ -65,15 +165,272 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _training_side(src: Path, tgt: Path, side: int, limit: int | None) -> Iterator[str]:
-    """One side of the training pairs, read through read_parallel so a misaligned corpus fails early."""
-    return (pair[side] for pair in itertools.islice(read_parallel(src, tgt), limit))
+# ---------------------------------------------------------------------------- stage 2: clean
 
 
-def _chunks(it: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    it = iter(it)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
+def _clean_stage(
+    run: _Run, parts: Sequence[tuple[str, Path, Path]], shard_size: int, limit: Optional[int],
+) -> tuple[list[_Shard], dict[str, Any]]:
+    """Read every part once, in blocks; workers clean and write each block's text."""
+    clean_dir = run.work / "clean"
+    clean_dir.mkdir(parents=True, exist_ok=True)
+    cache = _SourceCache(run.work / "sources.json")
+    rules = run.rules.to_dict()
+    shards: list[_Shard] = []
+    sources: dict[str, Any] = {}
+    part_stamps: list[tuple[Path, str, dict[str, Any]]] = []
+    remaining = limit
+    bar = run.bar("clean", limit, " pairs")
+    with Workers(run.workers) as pool:
+        for part, src_file, tgt_file in parts:
+            if remaining is not None and remaining <= 0:
+                break
+            base = ("clean-part", part, shard_size, remaining, rules, run.langs)
+            known = (cache.get(src_file), cache.get(tgt_file))
+            stamp_path = clean_dir / f"{part}.part.json"
+            stamp = read_stamp(stamp_path, make_key(*base, known)) if None not in known else None
+            if stamp is not None and all(
+                read_stamp(clean_dir / f"{s['name']}.json", s["key"]) and _clean_files(clean_dir, s["name"], run)
+                for s in stamp["shards"]
+            ):
+                part_shards = [_Shard(s["name"], part, s["key"], s["counts"]) for s in stamp["shards"]]
+                sources[part] = stamp["source"]
+                bar.update(stamp["source"]["lines"])
+            else:
+                part_shards, sources[part] = _clean_part(run, pool, part, src_file, tgt_file, shard_size, remaining, bar)
+                digest = sources[part]
+                cache.put(src_file, digest["sha256"][0])
+                cache.put(tgt_file, digest["sha256"][1])
+                key = make_key(*base, tuple(digest["sha256"]))
+                part_stamps.append((stamp_path, key, {"source": digest}))
+            shards.extend(part_shards)
+            if remaining is not None:
+                remaining -= sources[part]["lines"]
+        pool.drain()
+    bar.close()
+    # Part stamps go last: they vouch for every shard of the part, all written by now.
+    by_part: dict[str, list[_Shard]] = {}
+    for s in shards:
+        by_part.setdefault(s.part, []).append(s)
+    for path, key, data in part_stamps:
+        part = path.name[: -len(".part.json")]
+        entries = [{"name": s.name, "key": s.key, "counts": s.counts} for s in by_part[part]]
+        write_stamp(path, key, shards=entries, **data)
+    return shards, sources
+
+
+def _clean_files(clean_dir: Path, name: str, run: _Run) -> bool:
+    return all((clean_dir / f"{name}.{lang}").is_file() for lang in run.langs) and (
+        not run.rules.dedupe or (clean_dir / f"{name}.hash.npy").is_file()
+    )
+
+
+def _clean_part(
+    run: _Run, pool: Workers, part: str, src_file: Path, tgt_file: Path, shard_size: int,
+    limit: Optional[int], bar: tqdm,
+) -> tuple[list[_Shard], dict[str, Any]]:
+    clean_dir = run.work / "clean"
+    digest = SourceDigest()
+    shards: list[_Shard] = []
+    for k, block in enumerate(iter_parallel_blocks(src_file, tgt_file, shard_size, limit, digest)):
+        name = f"{part}-{k:05d}"
+        # The block's bytes, not the file's checksum (known only at its end), key the shard.
+        content = hashlib.blake2b(block.src, digest_size=16)
+        content.update(block.tgt)
+        key = make_key("clean", name, block.first_line, block.count, content.hexdigest(), run.rules.to_dict(), run.langs)
+        shard = _Shard(name, part, key)
+        shards.append(shard)
+        done = read_stamp(clean_dir / f"{name}.json", key)
+        if done is not None and _clean_files(clean_dir, name, run):
+            shard.counts = done["counts"]
+            bar.update(block.count)
+            continue
+
+        def finished(result: dict[str, Any], shard: _Shard = shard, n: int = block.count) -> None:
+            shard.counts = result["counts"]
+            bar.update(n)
+
+        task = CleanTask(name, key, block.src, block.tgt, str(src_file), str(tgt_file), block.first_line,
+                         run.rules, str(clean_dir), run.langs)
+        pool.submit(clean_shard, task, finished)
+    source = {
+        "files": [str(src_file), str(tgt_file)],
+        "sha256": [digest.src_sha256, digest.tgt_sha256],
+        "bytes": [digest.src_size, digest.tgt_size],
+        "lines": digest.lines,
+    }
+    return shards, source
+
+
+# ---------------------------------------------------------------------------- stage 3: dedupe
+
+
+def _dedupe_stage(run: _Run, shards: list[_Shard]) -> str:
+    """Mark every repeat of an earlier pair (in part, shard, line order); returns the stage key."""
+    key = make_key("dedupe", [s.key for s in shards])
+    dedupe_dir = run.work / "dedupe"
+    stamp = read_stamp(run.work / "dedupe.json", key)
+    if stamp is None:
+        dedupe_dir.mkdir(parents=True, exist_ok=True)
+        counts = _find_duplicates(run.work / "clean", dedupe_dir, shards)
+        write_stamp(run.work / "dedupe.json", key, duplicates=counts)
+        stamp = {"duplicates": counts}
+    for s in shards:
+        s.duplicates = int(stamp["duplicates"][s.name])
+        s.drop = dedupe_dir / f"{s.name}.npy" if s.duplicates else None
+    return key
+
+
+def _find_duplicates(clean_dir: Path, dedupe_dir: Path, shards: list[_Shard]) -> dict[str, int]:
+    """Bounded-memory exact dedupe: hashes are split into buckets by value and each
+    bucket sorted on its own; only the duplicates' positions are kept in memory."""
+    hashes = [np.load(clean_dir / f"{s.name}.hash.npy", mmap_mode="r") for s in shards]
+    starts = np.zeros(len(shards) + 1, dtype=np.int64)
+    np.cumsum([len(h) for h in hashes], out=starts[1:])
+    buckets = max(1, math.ceil(int(starts[-1]) / _DEDUPE_BUCKET))
+    found: list[np.ndarray] = []
+    for b in range(buckets):
+        values, positions = [], []
+        for i, h in enumerate(hashes):
+            local = np.flatnonzero(np.asarray(h) % np.uint64(buckets) == np.uint64(b)) if buckets > 1 else np.arange(len(h))
+            values.append(np.asarray(h)[local])
+            positions.append(local + starts[i])
+        v, p = np.concatenate(values), np.concatenate(positions)
+        # Positions ascend within equal hashes (shards are concatenated in order and
+        # the sort is stable), so every entry after the first of a run is a repeat.
+        order = np.argsort(v, kind="stable")
+        v, p = v[order], p[order]
+        found.append(p[1:][v[1:] == v[:-1]])
+    dups = np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+    counts = {}
+    for i, s in enumerate(shards):
+        lo, hi = np.searchsorted(dups, [starts[i], starts[i + 1]])
+        local = dups[lo:hi] - starts[i]
+        counts[s.name] = int(len(local))
+        path = dedupe_dir / f"{s.name}.npy"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, local)
+        os.replace(tmp, path)
+    return counts
+
+
+# ---------------------------------------------------------------------------- stages 4-5: sample, spm
+
+
+def _sample_stage(run: _Run, shards: list[_Shard], size: int, dedupe_key: str) -> tuple[str, int]:
+    """Write a uniform sample of ``size`` cleaned pairs to work/sample; returns (key, pairs)."""
+    key = make_key("sample", [s.key for s in shards], dedupe_key, run.seed, size)
+    sample_dir = run.work / "sample"
+    stamp = read_stamp(run.work / "sample.json", key)
+    if stamp is not None and all((sample_dir / f"{s.name}.{lang}").is_file() for s in shards for lang in run.langs):
+        return key, int(stamp["pairs"])
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    # The sample is the `size` pairs with the smallest keys: find the size-th smallest
+    # key holding at most `size` keys in memory at any time.
+    best = np.zeros(0, dtype=np.uint64)
+    for s in shards:
+        keys = sample_keys(run.seed, s.name, s.kept)
+        if s.drop is not None:
+            keys = np.delete(keys, np.load(s.drop))
+        if len(best) == size:
+            keys = keys[keys < best.max()]
+        best = np.concatenate([best, keys])
+        if len(best) > size:
+            best = np.partition(best, size - 1)[:size]
+    threshold = int(best.max()) if len(best) else 0
+    total = 0
+
+    def add(n: int) -> None:
+        nonlocal total
+        total += n
+
+    with Workers(run.workers) as pool:
+        for s in shards:
+            task = SampleTask(s.name, str(run.work / "clean"), str(sample_dir), run.langs, run.seed, s.kept,
+                              str(s.drop) if s.drop else None, threshold)
+            pool.submit(sample_shard, task, add)
+    write_stamp(run.work / "sample.json", key, pairs=total, threshold=threshold)
+    return key, total
+
+
+def _spm_stage(
+    run: _Run, shards: list[_Shard], sample_key: str, vocab_size: int, model_type: str, joint: bool,
+) -> dict[str, Tokenizer]:
+    """Train sentencepiece on the sample (or reuse the models the stamp vouches for)."""
+    src_lang, tgt_lang = run.langs
+    key = make_key("spm", sample_key, vocab_size, model_type, joint, run.langs, run.seed)
+    models = {lang: run.out_dir / f"spm.{lang}.model" for lang in run.langs}
+    stamp = read_stamp(run.work / "spm.json", key)
+    if stamp is not None and all(m.is_file() for m in models.values()):
+        tokenizers = {lang: Tokenizer(path) for lang, path in models.items()}
+        if all(tok.sha256 == stamp["sha256"][lang] for lang, tok in tokenizers.items()):
+            return tokenizers
+    sample_dir = run.work / "sample"
+
+    def lines(*langs: str) -> Iterator[str]:
+        for lang in langs:
+            for s in shards:
+                yield from read_text_lines(sample_dir / f"{s.name}.{lang}")
+
+    common = dict(vocab_size=vocab_size, model_type=model_type, seed=run.seed, input_sentence_size=0)
+    if joint:
+        run.say(f"training one joint sentencepiece {model_type} model for '{src_lang}'+'{tgt_lang}' (vocab {vocab_size})")
+        model = train_sentencepiece(lines(src_lang, tgt_lang), run.work / "spm.joint", **common)  # type: ignore[arg-type]
+        for lang in run.langs:
+            for ext in (".model", ".vocab"):
+                tmp = run.out_dir / f"spm.{lang}{ext}.tmp"
+                shutil.copyfile(model.with_suffix(ext), tmp)
+                os.replace(tmp, run.out_dir / f"spm.{lang}{ext}")
+    else:
+        for lang in run.langs:
+            run.say(f"training sentencepiece {model_type} model for '{lang}' (vocab {vocab_size})")
+            train_sentencepiece(lines(lang), run.out_dir / f"spm.{lang}", **common)  # type: ignore[arg-type]
+    tokenizers = {lang: Tokenizer(path) for lang, path in models.items()}
+    write_stamp(run.work / "spm.json", key, sha256={lang: tok.sha256 for lang, tok in tokenizers.items()})
+    return tokenizers
+
+
+# ---------------------------------------------------------------------------- stage 6: encode
+
+
+def _encode_stage(run: _Run, shards: list[_Shard], tokenizers: dict[str, Tokenizer], max_len: int, dedupe_key: str) -> None:
+    shard_dir, stamp_dir = run.out_dir / "shards", run.work / "encode"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    spm = {lang: tok.sha256 for lang, tok in tokenizers.items()}
+    bar = run.bar("encode", sum(s.kept for s in shards), " pairs")
+    with Workers(run.workers, init_encoder, (tokenizers,)) as pool:
+        for s in shards:
+            key = make_key("encode", s.key, dedupe_key if s.drop else "", spm, max_len, run.langs)
+            done = read_stamp(stamp_dir / f"{s.name}.json", key)
+            if done is not None and all(ids_path(shard_dir / f"{s.name}.{lang}").is_file() for lang in run.langs):
+                s.encoded = done
+                bar.update(s.kept)
+                continue
+
+            def finished(result: dict[str, Any], s: _Shard = s) -> None:
+                s.encoded = result
+                bar.update(s.kept)
+
+            task = EncodeTask(s.name, key, str(run.work / "clean"), str(shard_dir), str(stamp_dir), run.langs,
+                              str(s.drop) if s.drop else None, max_len)
+            pool.submit(encode_shard, task, finished)
+    bar.close()
+
+
+# ---------------------------------------------------------------------------- stage 7: dev/test
+
+
+def _read_eval_pair(src: Path, ref: Path) -> tuple[list[str], list[str]]:
+    """Source and reference lines: SGML matched by ids, plain text by line (same count)."""
+    if src.suffix == ".sgm" and ref.suffix == ".sgm":
+        return read_sgml_parallel(src, ref)
+    src_lines, ref_lines = read_lines(src), read_lines(ref)
+    if len(src_lines) != len(ref_lines):
+        shorter, other = (src, ref) if len(src_lines) < len(ref_lines) else (ref, src)
+        n, m = sorted((len(src_lines), len(ref_lines)))
+        raise DataError.at(shorter, None, f"has {n} lines but {other} has {m}")
+    return src_lines, ref_lines
 
 
 def _write_text_atomic(path: Path, lines: list[str]) -> None:
@@ -85,75 +442,80 @@ def _write_text_atomic(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def _encode_train(
-    src_file: Path, tgt_file: Path, src_tok: Tokenizer, tgt_tok: Tokenizer, out_dir: Path,
-    src_lang: str, tgt_lang: str, max_len: int, limit: int | None, progress: bool,
-) -> tuple[dict[str, int], dict[str, int]]:
-    """Encode, filter and write the training pairs; returns (counts, dropped)."""
-    read = kept = src_tokens = tgt_tokens = 0
-    dropped = {"empty": 0, "too_long": 0}
-    pairs = itertools.islice(read_parallel(src_file, tgt_file), limit)
-    bar = tqdm(total=limit, desc="encode train", unit=" pairs", file=sys.stderr, disable=not progress, mininterval=1.0)
-    with TokenArrayWriter(out_dir / f"train.{src_lang}") as src_out, \
-            TokenArrayWriter(out_dir / f"train.{tgt_lang}") as tgt_out:
-        for chunk in _chunks(pairs, _ENCODE_CHUNK):
-            src_ids = src_tok.encode_batch([s for s, _ in chunk])
-            tgt_ids = tgt_tok.encode_batch([t for _, t in chunk])
-            keep_src, keep_tgt = [], []
-            for s, t in zip(src_ids, tgt_ids):
-                # A blank side, or one made only of characters the normalizer removes, encodes to nothing.
-                if not s or not t:
-                    dropped["empty"] += 1
-                elif len(s) > max_len or len(t) > max_len:
-                    dropped["too_long"] += 1
-                else:
-                    keep_src.append(s)
-                    keep_tgt.append(t)
-                    src_tokens += len(s)
-                    tgt_tokens += len(t)
-            src_out.append_many(keep_src)
-            tgt_out.append_many(keep_tgt)
-            read += len(chunk)
-            kept += len(keep_src)
-            bar.update(len(chunk))
-        src_out.close()
-        tgt_out.close()
-    bar.close()
-    if kept == 0:
-        raise DataError.at(src_file, None, f"no training pairs left after filtering {read} (max_len={max_len})")
-    counts = {
-        "train_read": read,
-        "train": kept,
-        f"train_tokens_{src_lang}": src_tokens,
-        f"train_tokens_{tgt_lang}": tgt_tokens,
-    }
-    return counts, dropped
-
-
-def _write_eval_split(
-    name: str, src_file: Path, tgt_file: Path, src_tok: Tokenizer, out_dir: Path,
-    src_lang: str, tgt_lang: str, progress: bool,
-) -> int:
+def _write_eval_split(run: _Run, name: str, files: Sequence[tuple[Path, Path]], src_tok: Tokenizer) -> int:
     """Raw text of both sides (unchanged) plus the encoded source; returns the segment count."""
-    src_lines, tgt_lines = read_lines(src_file), read_lines(tgt_file)
-    if len(src_lines) != len(tgt_lines):
-        shorter, other = (src_file, tgt_file) if len(src_lines) < len(tgt_lines) else (tgt_file, src_file)
-        n, m = sorted((len(src_lines), len(tgt_lines)))
-        raise DataError.at(shorter, None, f"has {n} lines but {other} has {m}")
-    _write_text_atomic(out_dir / f"{name}.{src_lang}", src_lines)
-    _write_text_atomic(out_dir / f"{name}.{tgt_lang}", tgt_lines)
-    bar = tqdm(total=len(src_lines), desc=f"encode {name}", unit=" lines", file=sys.stderr, disable=not progress)
-    with TokenArrayWriter(out_dir / f"{name}.{src_lang}") as writer:
-        for chunk in _chunks(src_lines, _ENCODE_CHUNK):
-            writer.append_many(src_tok.encode_batch(chunk))
-            bar.update(len(chunk))
-        n = writer.close()
-    bar.close()
-    return n
+    src_lang, tgt_lang = run.langs
+    src_lines: list[str] = []
+    tgt_lines: list[str] = []
+    for src, ref in files:
+        s, t = _read_eval_pair(src, ref)
+        src_lines += s
+        tgt_lines += t
+    _write_text_atomic(run.out_dir / f"{name}.{src_lang}", src_lines)
+    _write_text_atomic(run.out_dir / f"{name}.{tgt_lang}", tgt_lines)
+    with TokenArrayWriter(run.out_dir / f"{name}.{src_lang}") as writer:
+        for start in range(0, len(src_lines), _ENCODE_CHUNK):
+            writer.append_many(src_tok.encode_batch(src_lines[start:start + _ENCODE_CHUNK]))
+        return writer.close()
+
+
+# ---------------------------------------------------------------------------- stage 8: report, index
+
+
+def _report(sources: dict[str, Any], shards: list[_Shard], langs: tuple[str, str]) -> dict[str, dict[str, int]]:
+    """Per part: read, kept, pairs changed per modifying rule, pairs dropped per dropping rule."""
+    report: dict[str, dict[str, int]] = {}
+    for s in shards:
+        row = report.setdefault(s.part, {"read": 0, "kept": 0, **{r: 0 for r in MODIFYING_RULES + DROPPING_RULES},
+                                         **{f"tokens_{lang}": 0 for lang in langs}})
+        row["read"] += s.counts["read"]
+        for rule in MODIFYING_RULES + DROPPING_RULES:
+            row[rule] += int(s.counts.get(rule, 0)) + int(s.encoded["counts"].get(rule, 0))
+        row["kept"] += s.encoded["kept"]
+        for lang in langs:
+            row[f"tokens_{lang}"] += s.encoded["tokens"][lang]
+    total = {k: sum(row[k] for row in report.values()) for k in next(iter(report.values()))}
+    report["total"] = total
+    for part, row in report.items():
+        dropped = sum(row[r] for r in DROPPING_RULES)
+        if row["read"] != row["kept"] + dropped:  # a bug in this file, not bad data
+            raise AssertionError(f"{part}: read {row['read']} != kept {row['kept']} + dropped {dropped}")
+    return report
+
+
+def format_report(report: dict[str, dict[str, int]]) -> str:
+    """A markdown table: one row per part and the total."""
+    columns = ["read", "kept", *MODIFYING_RULES, *DROPPING_RULES]
+    lines = [
+        "| part | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for part, row in report.items():
+        name = f"**{part}**" if part == "total" else part
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:,}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _prune(folder: Path, keep: set[str]) -> None:
+    """Delete files of shards that are no longer part of the output (an earlier config's)."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and path.name.split(".", 1)[0] not in keep:
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------- prepare
 
 
 def prepare(
-    source_dir: Path,
+    source_dir: Optional[Path],
     out_dir: Path,
     *,
     train_prefix: str = "train/train",
@@ -165,78 +527,183 @@ def prepare(
     vocab_size: int = 8000,
     model_type: str = "bpe",
     max_len: int = 50,
-    max_train_pairs: int | None = None,
+    max_train_pairs: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
+    preset: Optional[str] = None,
+    parts: Optional[Sequence[str]] = None,
+    dev_sets: Optional[Sequence[str]] = None,
+    test_set: Optional[str] = None,
+    cache_dir: Optional[Path] = None,
+    verify_checksums: bool = True,
+    registry: Registry = REGISTRY,
+    rules: Optional[CleanRules] = None,
+    joint_vocab: bool = False,
+    spm_sample_pairs: int = 1_000_000,
+    shard_size: int = 100_000,
+    workers: Optional[int] = None,
 ) -> PrepareResult:
-    """Build everything training and evaluation read from ``out_dir`` (see the module docstring)."""
+    """Build everything training and evaluation read from ``out_dir`` (see the module docstring).
+
+    ``source_dir`` is a mirror: a directory holding the archives or their extracted
+    files; with ``None`` the archives are downloaded into ``cache_dir``. Training
+    data comes from the registry ``parts`` (or a ``preset``); with neither, from
+    ``{source_dir}/{train_prefix}.{lang}[.gz]``. Dev and test come from the registry
+    eval sets ``dev_sets`` (concatenated) and ``test_set``, or else from
+    ``dev_prefix`` (plain text) and ``test_src``/``test_ref``.
+    """
     started = time.monotonic()
-    source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir)
-    if max_len < 1:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+    out_dir = Path(out_dir)
+    rules = rules if rules is not None else CleanRules()
+    for name, value, low in (("max_len", max_len, 1), ("vocab_size", vocab_size, 1), ("shard_size", shard_size, 1),
+                             ("spm_sample_pairs", spm_sample_pairs, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be positive, got {value}")
     if max_train_pairs is not None and max_train_pairs < 1:
         raise ValueError(f"max_train_pairs must be positive, got {max_train_pairs}")
-    train_src = _train_file(source_dir, train_prefix, src_lang)
-    train_tgt = _train_file(source_dir, train_prefix, tgt_lang)
-    dev_src = _existing(source_dir / f"{dev_prefix}.{src_lang}")
-    dev_tgt = _existing(source_dir / f"{dev_prefix}.{tgt_lang}")
-    test_src_file, test_ref_file = _existing(source_dir / test_src), _existing(source_dir / test_ref)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be positive, got {workers}")
+    if src_lang == tgt_lang:
+        raise ValueError(f"src_lang and tgt_lang are both {src_lang!r}")
+    mirror = Path(source_dir).resolve() if source_dir is not None else None
+    if mirror is not None and not mirror.is_dir():
+        raise DataError.at(mirror, None, "mirror directory not found")
+    langs = (src_lang, tgt_lang)
+
+    # ---- 1. sources: everything is located (or downloaded) before any output is touched.
+    registry_mode = parts is not None or preset is not None
+    part_list = registry.resolve_parts(preset, parts) if registry_mode else []
+    eval_items = [registry.eval_set(n) for n in (dev_sets or [])] + ([registry.eval_set(test_set)] if test_set else [])
+    if mirror is None and not registry_mode:
+        raise DataError("data.source_dir is null (download), which needs data.preset or data.parts")
+    fetcher = Fetcher(mirror, Path(cache_dir) if cache_dir is not None else out_dir / "cache", registry,
+                      src_lang, tgt_lang, verify=verify_checksums, progress=progress)
+    t0 = time.monotonic()
+    located = fetcher.fetch([*part_list, *eval_items]) if (part_list or eval_items) else {}
+    if registry_mode:
+        train_parts = [(p.name, *located[p.name]) for p in part_list]
+    else:
+        assert mirror is not None
+        train_parts = [("train", _train_file(mirror, train_prefix, src_lang), _train_file(mirror, train_prefix, tgt_lang))]
+    if mirror is None and not (dev_sets and test_set):
+        raise DataError("data.source_dir is null (download), which needs data.dev_sets and data.test_set")
+    if dev_sets:
+        dev_files = [located[n] for n in dev_sets]
+    else:
+        assert mirror is not None
+        dev_files = [(_existing(mirror / f"{dev_prefix}.{src_lang}"), _existing(mirror / f"{dev_prefix}.{tgt_lang}"))]
+    if test_set:
+        test_files = [located[test_set]]
+    else:
+        assert mirror is not None
+        test_files = [(_existing(mirror / test_src), _existing(mirror / test_ref))]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # An old manifest would vouch for files this run is about to replace.
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    run = _Run(out_dir, out_dir / "work", langs, rules, workers or default_workers(), progress, seed)
+    run.work.mkdir(parents=True, exist_ok=True)
+    run.timings["sources"] = time.monotonic() - t0
 
-    tokenizers: dict[str, Tokenizer] = {}
-    for side, lang in ((0, src_lang), (1, tgt_lang)):
-        if progress:
-            tqdm.write(f"training sentencepiece {model_type} model for '{lang}' (vocab {vocab_size})", file=sys.stderr)
-        model_path = train_sentencepiece(
-            _training_side(train_src, train_tgt, side, max_train_pairs),
-            out_dir / f"spm.{lang}",
-            vocab_size=vocab_size,
-            model_type=model_type,
-            seed=seed,
-        )
-        tokenizers[lang] = Tokenizer(model_path)
+    # ---- 2-6. the training data
+    t0 = time.monotonic()
+    shards, sources = _clean_stage(run, train_parts, shard_size, max_train_pairs)
+    run.timings["clean"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    dedupe_key = _dedupe_stage(run, shards) if rules.dedupe else ""
+    run.timings["dedupe"] = time.monotonic() - t0
+    if sum(s.kept - s.duplicates for s in shards) == 0:
+        raise DataError.at(train_parts[0][1], None, "no training pairs left after cleaning; see the rules in data: config")
+    t0 = time.monotonic()
+    sample_key, sampled = _sample_stage(run, shards, spm_sample_pairs, dedupe_key)
+    run.timings["sample"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    tokenizers = _spm_stage(run, shards, sample_key, vocab_size, model_type, joint_vocab)
+    run.timings["sentencepiece"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    _encode_stage(run, shards, tokenizers, max_len, dedupe_key)
+    run.timings["encode"] = time.monotonic() - t0
 
-    counts, dropped = _encode_train(
-        train_src, train_tgt, tokenizers[src_lang], tokenizers[tgt_lang], out_dir,
-        src_lang, tgt_lang, max_len, max_train_pairs, progress,
-    )
-    counts["dev"] = _write_eval_split("dev", dev_src, dev_tgt, tokenizers[src_lang], out_dir, src_lang, tgt_lang, progress)
-    counts["test"] = _write_eval_split(
-        "test", test_src_file, test_ref_file, tokenizers[src_lang], out_dir, src_lang, tgt_lang, progress
-    )
+    # ---- 7. dev and test
+    t0 = time.monotonic()
+    counts: dict[str, int] = {}
+    counts["dev"] = _write_eval_split(run, "dev", dev_files, tokenizers[src_lang])
+    counts["test"] = _write_eval_split(run, "test", test_files, tokenizers[src_lang])
+    run.timings["dev_test"] = time.monotonic() - t0
 
+    # ---- 8. index, report, manifest
+    report = _report(sources, shards, langs)
+    total = report["total"]
+    if total["kept"] == 0:
+        raise DataError.at(train_parts[0][1], None, f"no training pairs left after filtering {total['read']} (max_len={max_len})")
+    shard_dir = out_dir / "shards"
+    for lang in langs:
+        for stale in (ids_path(out_dir / f"train.{lang}"), offsets_path(out_dir / f"train.{lang}")):
+            stale.unlink(missing_ok=True)  # an older single-array layout would shadow the index
+        write_shard_index(out_dir / f"train.{lang}", [
+            (shard_dir / f"{s.name}.{lang}", s.encoded["kept"], s.encoded["tokens"][lang]) for s in shards
+        ])
+    names = {s.name for s in shards}
+    for folder in (shard_dir, run.work / "clean", run.work / "sample", run.work / "encode", run.work / "dedupe"):
+        _prune(folder, names | {p for p, _, _ in train_parts})
+    counts = {
+        "train_read": total["read"],
+        "train": total["kept"],
+        **{f"train_tokens_{lang}": total[f"tokens_{lang}"] for lang in langs},
+        **counts,
+    }
+    config = {
+        "preset": preset, "parts": list(parts) if parts is not None else None, "train_prefix": None if registry_mode else train_prefix,
+        "dev_sets": list(dev_sets) if dev_sets else None, "test_set": test_set,
+        "dev_prefix": None if dev_sets else dev_prefix, "test_src": None if test_set else test_src,
+        "test_ref": None if test_set else test_ref, "src_lang": src_lang, "tgt_lang": tgt_lang,
+        "vocab_size": vocab_size, "model_type": model_type, "joint_vocab": joint_vocab, "max_len": max_len,
+        "max_train_pairs": max_train_pairs, "seed": seed, "spm_sample_pairs": spm_sample_pairs,
+        "shard_size": shard_size, "rules": rules.to_dict(), "verify_checksums": verify_checksums,
+    }
+    _write_json(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(format_report(report), encoding="utf-8")
     manifest = {
         "version": MANIFEST_VERSION,
         "src_lang": src_lang,
         "tgt_lang": tgt_lang,
         "vocab_size": vocab_size,
         "model_type": model_type,
+        "joint_vocab": joint_vocab,
         "max_len": max_len,
         "max_train_pairs": max_train_pairs,
         "seed": seed,
         "counts": counts,
-        "dropped": dropped,
+        "dropped": {rule: total[rule] for rule in DROPPING_RULES},
+        "modified": {rule: total[rule] for rule in MODIFYING_RULES},
+        "report": report,
         "spm_sha256": {lang: tok.sha256 for lang, tok in tokenizers.items()},
-        "source_dir": str(source_dir),
+        "spm_sample_pairs": sampled,
+        "shards": [
+            {"name": s.name, "part": s.part, "pairs": s.encoded["kept"],
+             **{f"tokens_{lang}": s.encoded["tokens"][lang] for lang in langs}}
+            for s in shards
+        ],
         "sources": {
-            "train": [str(train_src.relative_to(source_dir)), str(train_tgt.relative_to(source_dir))],
-            "dev": [str(dev_src.relative_to(source_dir)), str(dev_tgt.relative_to(source_dir))],
-            "test": [test_src, test_ref],
+            "train": sources,
+            "dev": [[str(a), str(b)] for a, b in dev_files],
+            "test": [[str(a), str(b)] for a, b in test_files],
+            "sha256": {str(p): file_sha256(p) for pair in (*dev_files, *test_files) for p in pair},
+            **fetcher.describe(),
         },
+        "source_dir": str(mirror) if mirror else None,
+        "config": config,
+        "workers": run.workers,
+        "timings": {k: round(v, 3) for k, v in run.timings.items()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - started, 2),
     }
-    tmp = out_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / MANIFEST_NAME)
+    _write_json(out_dir / MANIFEST_NAME, manifest)
     if progress:
+        tqdm.write(format_report(report), file=sys.stderr)
         tqdm.write(
-            f"prepared {counts['train']} training pairs ({dropped['empty']} empty, {dropped['too_long']} "
-            f"longer than {max_len} dropped), dev {counts['dev']}, test {counts['test']} in {out_dir} "
-            f"({manifest['seconds']:.1f}s)",
+            f"prepared {counts['train']:,} of {counts['train_read']:,} training pairs in {len(shards)} shard(s), "
+            f"dev {counts['dev']}, test {counts['test']} in {out_dir} ({manifest['seconds']:.1f}s)",
             file=sys.stderr,
         )
     return PrepareResult(out_dir=out_dir, manifest=manifest)

@@ -8,18 +8,34 @@ batch list independently (no communication) and takes its own slice of it:
 2. cut the shuffled order into pools of about ``pool_batches`` batches' worth of
    pairs and sort each pool by length: the paper's trick of sorting 20
    minibatches' worth of pairs, which keeps padding low while batches still
-   differ from epoch to epoch;
+   differ from epoch to epoch (``pool_batches=0``: one pool, the whole epoch,
+   i.e. plain bucketing by length with random order among equal lengths);
 3. cut each sorted pool greedily into batches whose cost
    ``n_sentences * max(longest src + 1, longest tgt + 1)`` (the +1 is EOS/BOS)
-   stays within ``max_tokens``;
+   stays within ``max_tokens`` and, if given, at most ``max_sentences`` pairs (the
+   paper's batches are 80 sentences);
 4. shuffle the batch list, so lengths are mixed over the epoch;
 5. drop the last ``len % num_replicas`` batches (fewer than ``num_replicas``; they
    are random batches, different every epoch, so no pair is left out for good)
    so every rank gets the same number of batches, which DDP needs to not hang;
    rank r takes batches r, r + W, r + 2W, ...
 
-Resuming: ``state_dict()`` records how many batches this rank has yielded in the
-current epoch; a new sampler given that state skips exactly those batches.
+Resuming: ``state_dict()`` records how many batches each rank has yielded in the
+current epoch; a new sampler given that state skips exactly those batches, and
+the rest of the epoch is what an uninterrupted run would have seen.
+
+Resuming with a different number of workers W' (a cluster that lost or gained
+nodes): the global batch list does not depend on the world size, and after
+``position`` batches per rank the first ``position * W`` global batches are done.
+The new ranks share out the remaining global batches round-robin (again dropping
+fewer than W' at the end so counts stay equal). Every pair is still seen at most
+once in that epoch, and all but the last few dropped batches are seen; from the
+next epoch on, batches are exactly those of a run started with W' workers.
+
+This sampler is the whole data-loading contract with Ray Train: the training loop
+iterates it and collates batches itself, and must not pass a DataLoader through
+``ray.train.torch.prepare_data_loader`` with ``add_dist_sampler=True`` (the
+default), which would replace it with a DistributedSampler.
 """
 
 from __future__ import annotations
@@ -47,8 +63,8 @@ class BucketBatchSampler:
         pool_batches: int = 20,
         max_sentences: int | None = None,
     ) -> None:
-        src = np.asarray(src_lengths, dtype=np.int64)
-        tgt = np.asarray(tgt_lengths, dtype=np.int64)
+        src = np.asarray(src_lengths)
+        tgt = np.asarray(tgt_lengths)
         if src.ndim != 1 or src.shape != tgt.shape:
             raise ValueError(f"src_lengths {src.shape} and tgt_lengths {tgt.shape} must be 1-d and equal in length")
         if len(src) == 0:
@@ -57,12 +73,13 @@ class BucketBatchSampler:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in range for num_replicas {num_replicas}")
-        if pool_batches < 1:
-            raise ValueError(f"pool_batches must be positive, got {pool_batches}")
+        if pool_batches < 0:
+            raise ValueError(f"pool_batches must be >= 0 (0: the whole epoch), got {pool_batches}")
         if max_sentences is not None and max_sentences < 1:
             raise ValueError(f"max_sentences must be positive, got {max_sentences}")
-        self._src_len = src + 1  # + EOS on the source
-        self._tgt_len = tgt + 1  # + BOS (input) / EOS (output) on the target
+        # int32: at tens of millions of pairs every byte per pair counts, in every worker.
+        self._src_len = src.astype(np.int32) + 1  # + EOS on the source
+        self._tgt_len = tgt.astype(np.int32) + 1  # + BOS (input) / EOS (output) on the target
         self._cost = np.maximum(self._src_len, self._tgt_len)
         too_long = np.flatnonzero(self._cost > max_tokens)
         if len(too_long):
@@ -75,29 +92,43 @@ class BucketBatchSampler:
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.seed = int(seed)
-        self.shuffle = shuffle
+        self.shuffle = bool(shuffle)
         self.pool_batches = int(pool_batches)
         self.max_sentences = max_sentences
-        # A pool holds about pool_batches batches: estimate the batch size from the
-        # mean cost (sorted batches are near-uniform, so mean cost is a fair guess).
-        per_batch = max(1, int(self.max_tokens // float(self._cost.mean())))
-        if max_sentences is not None:
-            per_batch = min(per_batch, max_sentences)
-        self._pool_size = self.pool_batches * per_batch
+        if self.pool_batches == 0:
+            self._pool_size = len(src)
+        else:
+            # A pool holds about pool_batches batches: estimate the batch size from the
+            # mean cost (sorted batches are near-uniform, so mean cost is a fair guess).
+            per_batch = max(1, int(self.max_tokens // float(self._cost.mean())))
+            if max_sentences is not None:
+                per_batch = min(per_batch, max_sentences)
+            self._pool_size = self.pool_batches * per_batch
         self.epoch = 0
-        self.position = 0
-        self._cache: tuple[int, list[np.ndarray], list[np.ndarray]] | None = None
+        self.position = 0  # batches this rank has handed out since `start`
+        self.start = 0     # global batches of this epoch done before this world size took over
+        self._cache: tuple[int, list[np.ndarray]] | None = None
 
     # ---- the epoch's batches -------------------------------------------------
 
-    def _global_batches(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(kept, dropped) batches of the current epoch across all ranks; cached per epoch."""
+    def _all_batches(self) -> list[np.ndarray]:
+        """Every batch of the current epoch, in global order, before any is dropped; cached."""
         if self._cache is None or self._cache[0] != self.epoch:
-            kept, dropped = self._build(self.epoch)
-            self._cache = (self.epoch, kept, dropped)
-        return self._cache[1], self._cache[2]
+            self._cache = (self.epoch, self._build(self.epoch))
+        return self._cache[1]
 
-    def _build(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _split(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(kept, dropped) batches from ``start`` on: kept is a multiple of num_replicas."""
+        rest = self._all_batches()[self.start:]
+        keep = len(rest) - len(rest) % self.num_replicas
+        if keep == 0 and self.start == 0:
+            raise DataError(
+                f"only {len(rest)} batch(es) of {self.max_tokens} tokens for {self.num_replicas} replicas; "
+                "lower max_tokens or use fewer workers"
+            )
+        return rest[:keep], rest[keep:]
+
+    def _build(self, epoch: int) -> list[np.ndarray]:
         n = len(self._cost)
         rng = np.random.default_rng((self.seed, epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
@@ -112,17 +143,12 @@ class BucketBatchSampler:
         batches = self._cut(order, self._cost[order], pool)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        keep = len(batches) - len(batches) % self.num_replicas
-        if keep == 0:
-            raise DataError(
-                f"only {len(batches)} batch(es) of {self.max_tokens} tokens for {self.num_replicas} replicas; "
-                "lower max_tokens or use fewer workers"
-            )
-        return batches[:keep], batches[keep:]
+        return batches
 
     def _sort_pools(self, order: np.ndarray, pool: np.ndarray) -> np.ndarray:
         """Stable argsort of ``order`` by (pool, cost, src, tgt)."""
-        cost, src, tgt = self._cost[order], self._src_len[order], self._tgt_len[order]
+        cost = self._cost[order].astype(np.int64)
+        src, tgt = self._src_len[order].astype(np.int64), self._tgt_len[order].astype(np.int64)
         span = int(self._cost.max()) + 1  # bounds cost, src and tgt alike
         if (int(pool[-1]) + 1) * span**3 < 2**62:
             # One packed int64 key sorts about 4x faster than a 4-key lexsort,
@@ -146,7 +172,7 @@ class BucketBatchSampler:
         start = 0
         while start < n:
             limit = min(self.max_tokens // int(cost[start]), cap, int(pool_end[start]) - start)
-            window = np.maximum.accumulate(cost[start:start + limit])
+            window = np.maximum.accumulate(cost[start:start + limit]).astype(np.int64)
             window *= np.arange(1, len(window) + 1)
             size = int(np.searchsorted(window, self.max_tokens, side="right"))
             batches.append(order[start:start + size])
@@ -164,9 +190,10 @@ class BucketBatchSampler:
         if epoch != self.epoch:
             self.epoch = int(epoch)
             self.position = 0
+            self.start = 0
 
     def _my_batches(self) -> list[np.ndarray]:
-        kept, _ = self._global_batches()
+        kept, _ = self._split()
         return kept[self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -181,12 +208,12 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         """This rank's number of batches in the current epoch (all ranks have the same)."""
-        kept, _ = self._global_batches()
+        kept, _ = self._split()
         return len(kept) // self.num_replicas
 
     def dropped_batches(self) -> list[list[int]]:
         """The batches left out this epoch so ranks get equal counts (fewer than num_replicas)."""
-        _, dropped = self._global_batches()
+        _, dropped = self._split()
         return [b.tolist() for b in dropped]
 
     def state_dict(self) -> dict[str, Any]:
@@ -199,33 +226,45 @@ class BucketBatchSampler:
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "start": self.start,
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "max_tokens": self.max_tokens,
+            "pool_batches": self.pool_batches,
+            "max_sentences": self.max_sentences,
+            "shuffle": self.shuffle,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume after the last batch yielded when ``state`` was taken.
 
         The state is rank-independent (all ranks advance in lockstep), so rank 0's
-        copy resumes every rank; it must come from the same seed, world size and
-        budget, or the batches would differ from the ones already trained on.
+        copy resumes every rank. It must come from a sampler that cuts the same
+        batches (same seed, budget, pools, sentence cap); the number of replicas may
+        differ (see the module docstring).
         """
-        for key in ("seed", "num_replicas", "max_tokens"):
-            if int(state[key]) != getattr(self, key):
+        for key in ("seed", "max_tokens", "pool_batches", "max_sentences", "shuffle"):
+            if key in state and state[key] != getattr(self, key):  # older states lack the last three
                 raise ValueError(
                     f"sampler state has {key}={state[key]} but this sampler has {key}={getattr(self, key)}; "
-                    "cannot resume exactly"
+                    "its batches would differ from the ones already trained on, so it cannot resume exactly"
                 )
         self.epoch = int(state["epoch"])
-        position = int(state["position"])
+        start, position, replicas = int(state.get("start", 0)), int(state["position"]), int(state["num_replicas"])
+        if replicas != self.num_replicas:
+            # The first start + position * replicas global batches are done; share out the rest.
+            start, position = start + position * replicas, 0
+        self.start, self.position = start, 0
+        total = len(self._all_batches())
+        if not 0 <= start <= total:
+            raise ValueError(f"sampler state start {start} is outside epoch {self.epoch}'s {total} batches")
         if not 0 <= position <= len(self):
             raise ValueError(f"sampler state position {position} is outside epoch {self.epoch}'s {len(self)} batches")
         self.position = position
 
     def padding_efficiency(self) -> float:
         """Real tokens / padded tokens (source and target tensors) over this epoch's kept batches."""
-        kept, _ = self._global_batches()
+        kept, _ = self._split()
         real = padded = 0
         for b in kept:
             src, tgt = self._src_len[b], self._tgt_len[b]

@@ -5,11 +5,17 @@
 is ``ids[offsets[i]:offsets[i+1]]``. Memory-mapping means every worker process
 shares one page-cache copy instead of unpickling its own, and opening is instant
 however large the corpus.
+
+A large corpus is written as many such arrays (shards, one per block of input
+pairs, written in parallel) plus ``{prefix}.shards.json`` listing them in order;
+``TokenArray(prefix)`` opens either layout and presents one sequence of pairs,
+so a trainer never needs to know how the data was split.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,6 +38,32 @@ def ids_path(prefix: Path) -> Path:
 def offsets_path(prefix: Path) -> Path:
     prefix = Path(prefix)
     return prefix.with_name(prefix.name + ".offsets.npy")
+
+
+def index_path(prefix: Path) -> Path:
+    """``{prefix}.shards.json``: the shard list of a sharded token array."""
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + ".shards.json")
+
+
+SHARD_INDEX_VERSION = 1
+
+
+def write_shard_index(prefix: Path, shards: Sequence[tuple[Path, int, int]]) -> Path:
+    """Publish ``{prefix}.shards.json`` for ``(shard prefix, sequences, tokens)`` in order.
+
+    Shard prefixes are stored relative to the index's folder, so a prepared
+    directory can be moved or copied to another machine as a whole.
+    """
+    prefix = Path(prefix)
+    entries = [
+        {"prefix": os.path.relpath(Path(p), prefix.parent), "sequences": int(n), "tokens": int(t)} for p, n, t in shards
+    ]
+    path = index_path(prefix)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"version": SHARD_INDEX_VERSION, "shards": entries}, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 class TokenArrayWriter:
@@ -135,8 +167,36 @@ def _load_npy(path: Path) -> np.ndarray:
     return arr
 
 
+def _open_one(prefix: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, offsets) of one array, both memory-mapped, offsets checked."""
+    ids_file, off_file = ids_path(prefix), offsets_path(prefix)
+    ids = _load_npy(ids_file)
+    offsets = np.asarray(_load_npy(off_file), dtype=np.int64)  # int64 on disk: stays a memory map
+    if len(offsets) == 0 or offsets[0] != 0:
+        raise DataError.at(off_file, None, "corrupt: offsets must start with 0")
+    steps = np.diff(offsets)
+    if (steps < 0).any():
+        bad = int(np.flatnonzero(steps < 0)[0])
+        raise DataError.at(off_file, None, f"corrupt: offsets decrease at sequence {bad}")
+    if offsets[-1] != len(ids):
+        raise DataError.at(
+            off_file, None, f"corrupt: last offset is {int(offsets[-1])} but {ids_file.name} has {len(ids)} ids"
+        )
+    return ids, offsets
+
+
+def _read_index(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError.at(path, exc.lineno, f"invalid JSON ({exc.msg}); re-run `distnmt prepare`") from None
+    if not isinstance(data, dict) or data.get("version") != SHARD_INDEX_VERSION or not isinstance(data.get("shards"), list):
+        raise DataError.at(path, None, f"not a version {SHARD_INDEX_VERSION} shard index; re-run `distnmt prepare`")
+    return data["shards"]
+
+
 class TokenArray:
-    """Read-only, memory-mapped view of a token array written by ``write_token_array``."""
+    """Read-only, memory-mapped view of a token array: one array, or a list of shards."""
 
     lengths: np.ndarray
 
@@ -145,21 +205,38 @@ class TokenArray:
         self._open()
 
     def _open(self) -> None:
-        ids_file, off_file = ids_path(self.prefix), offsets_path(self.prefix)
-        self._ids = _load_npy(ids_file)
-        offsets = np.asarray(_load_npy(off_file), dtype=np.int64)  # small: read it whole
-        if len(offsets) == 0 or offsets[0] != 0:
-            raise DataError.at(off_file, None, "corrupt: offsets must start with 0")
-        steps = np.diff(offsets)
-        if (steps < 0).any():
-            bad = int(np.flatnonzero(steps < 0)[0])
-            raise DataError.at(off_file, None, f"corrupt: offsets decrease at sequence {bad}")
-        if offsets[-1] != len(self._ids):
-            raise DataError.at(
-                off_file, None, f"corrupt: last offset is {int(offsets[-1])} but {ids_file.name} has {len(self._ids)} ids"
-            )
-        self._offsets = offsets
-        self.lengths = steps
+        index = index_path(self.prefix)
+        if not ids_path(self.prefix).exists() and index.exists():
+            parts = self._open_shards(index)
+        else:
+            parts = [_open_one(self.prefix)]
+        self._ids_parts = [ids for ids, _ in parts]
+        self._offsets_parts = [offsets for _, offsets in parts]
+        counts = np.array([len(o) - 1 for o in self._offsets_parts], dtype=np.int64)
+        self._starts = np.zeros(len(parts) + 1, dtype=np.int64)  # first sequence of each shard
+        np.cumsum(counts, out=self._starts[1:])
+        lengths = [np.diff(o) for o in self._offsets_parts]
+        self.lengths = lengths[0] if len(lengths) == 1 else np.concatenate(lengths)
+        self._num_tokens = int(sum(len(ids) for ids in self._ids_parts))
+
+    def _open_shards(self, index: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+        parts = []
+        for entry in _read_index(index):
+            shard = index.parent / entry["prefix"]
+            ids, offsets = _open_one(shard)
+            if len(offsets) - 1 != entry["sequences"] or len(ids) != entry["tokens"]:
+                raise DataError.at(
+                    index, None, f"shard {entry['prefix']} has {len(offsets) - 1} sequences and {len(ids)} tokens, "
+                    f"not the {entry['sequences']} and {entry['tokens']} listed; re-run `distnmt prepare`"
+                )
+            parts.append((ids, offsets))
+        if not parts:
+            raise DataError.at(index, None, "lists no shards; re-run `distnmt prepare`")
+        return parts
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._ids_parts)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -172,11 +249,30 @@ class TokenArray:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"sequence {i} out of range for {n} sequences in {self.prefix}")
-        return np.array(self._ids[self._offsets[i]:self._offsets[i + 1]], dtype=np.int64)
+        if len(self._ids_parts) == 1:
+            shard, local = 0, i
+        else:
+            shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+            local = i - int(self._starts[shard])
+        offsets = self._offsets_parts[shard]
+        return np.array(self._ids_parts[shard][offsets[local]:offsets[local + 1]], dtype=np.int64)
+
+    def gather(self, indices: Sequence[int]) -> list[np.ndarray]:
+        """Sequences ``indices`` (any order), one shard lookup for all of them."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self.lengths)):
+            raise IndexError(f"sequence index out of range for {len(self.lengths)} sequences in {self.prefix}")
+        shards = np.searchsorted(self._starts, idx, side="right") - 1
+        out = []
+        for i, s in zip(idx.tolist(), shards.tolist()):
+            offsets = self._offsets_parts[s]
+            local = i - int(self._starts[s])
+            out.append(np.asarray(self._ids_parts[s][offsets[local]:offsets[local + 1]], dtype=np.int64))
+        return out
 
     @property
     def num_tokens(self) -> int:
-        return len(self._ids)
+        return self._num_tokens
 
     # Pickle by path: a memory map must be reopened, not copied, in another process.
     def __getstate__(self) -> dict[str, Any]:
@@ -187,4 +283,4 @@ class TokenArray:
         self._open()
 
     def __repr__(self) -> str:
-        return f"TokenArray({str(self.prefix)!r}, n={len(self)}, tokens={self.num_tokens})"
+        return f"TokenArray({str(self.prefix)!r}, n={len(self)}, tokens={self.num_tokens}, shards={self.num_shards})"

@@ -1,0 +1,283 @@
+"""The per-shard work of ``prepare``, run in worker processes, and the pool that runs it.
+
+A shard is one block of ``shard_size`` consecutive input pairs of one part. Each
+function here handles one shard on its own, reads and writes only that shard's
+files (always under temporary names, renamed when complete) and returns small
+counts, so shards run on any number of processes in any order and give the same
+bytes. Each one ends by writing the shard's stamp (see :func:`write_stamp`): a
+later run that computes the same key skips the shard.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from distnmt.data.clean import CleanRules, clean_block, pair_hashes
+from distnmt.data.shards import TokenArrayWriter
+from distnmt.data.stream import decode_block
+from distnmt.data.tokenizer import Tokenizer
+
+# ---------------------------------------------------------------------------- keys and stamps
+
+
+def make_key(*parts: Any) -> str:
+    """A stable digest of JSON-able inputs: what a stage's output depends on."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_stamp(path: Path, key: str) -> Optional[dict[str, Any]]:
+    """The stamp's data when it exists and was written for ``key``, else None."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == key else None
+
+
+def write_stamp(path: Path, key: str, **data: Any) -> None:
+    """Written last, atomically: its presence with the right key means "this is done"."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, **data}, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """One line each, ``\\n``-terminated, under a temporary name until complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        if lines:
+            f.write("\n".join(lines))
+            f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """Lines written by :func:`write_lines` (our own files: no checks needed)."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        text = f.read()
+    return text[:-1].split("\n") if text else []
+
+
+# ---------------------------------------------------------------------------- sample keys
+
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash of each value (SplitMix64's finalizer), vectorised."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_keys(seed: int, shard_name: str, n: int) -> np.ndarray:
+    """A pseudo-random 64-bit key per pair of a shard; the smallest keys form the sample.
+
+    A key depends only on (seed, shard, position), never on which process or in
+    which order shards are handled, so the sample is the same for any number of
+    workers; taking the k smallest over all shards is a uniform sample of k pairs.
+    """
+    salt = int.from_bytes(hashlib.blake2b(f"{seed}:{shard_name}".encode(), digest_size=8).digest(), "little")
+    return _splitmix64(np.arange(n, dtype=np.uint64) ^ np.uint64(salt))
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class CleanTask:
+    name: str
+    key: str
+    src: bytes
+    tgt: bytes
+    src_path: str
+    tgt_path: str
+    first_line: int
+    rules: CleanRules
+    work: str
+    langs: tuple[str, str]
+
+
+def clean_shard(task: CleanTask) -> dict[str, Any]:
+    """Decode, clean and write one shard's text (and pair hashes when deduplicating)."""
+    src = decode_block(task.src, task.src_path, task.first_line)
+    tgt = decode_block(task.tgt, task.tgt_path, task.first_line)
+    if len(src) != len(tgt):  # cannot happen: blocks are cut by line count
+        raise AssertionError(f"{task.name}: {len(src)} != {len(tgt)} lines")
+    keep_src, keep_tgt, counts = clean_block(src, tgt, task.rules)
+    work = Path(task.work)
+    write_lines(work / f"{task.name}.{task.langs[0]}", keep_src)
+    write_lines(work / f"{task.name}.{task.langs[1]}", keep_tgt)
+    if task.rules.dedupe:
+        hashes = work / f"{task.name}.hash.npy"
+        tmp = hashes.with_name(hashes.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, pair_hashes(keep_src, keep_tgt))
+        os.replace(tmp, hashes)
+    write_stamp(work / f"{task.name}.json", task.key, counts=counts)
+    return {"name": task.name, "counts": counts}
+
+
+@dataclass
+class SampleTask:
+    name: str
+    clean_dir: str
+    sample_dir: str
+    langs: tuple[str, str]
+    seed: int
+    kept: int
+    drop: Optional[str]   # .npy of duplicate positions to skip, if any
+    threshold: int        # keys <= threshold are in the sample
+
+
+def sample_shard(task: SampleTask) -> int:
+    """Write the shard's sampled pairs (for sentencepiece); returns how many."""
+    keys = sample_keys(task.seed, task.name, task.kept)
+    chosen = keys <= np.uint64(task.threshold)
+    if task.drop is not None:
+        chosen[np.load(task.drop)] = False
+    picked = np.flatnonzero(chosen).tolist()
+    for lang in task.langs:
+        lines = read_text_lines(Path(task.clean_dir) / f"{task.name}.{lang}") if picked else []
+        write_lines(Path(task.sample_dir) / f"{task.name}.{lang}", [lines[i] for i in picked])
+    return len(picked)
+
+
+@dataclass
+class EncodeTask:
+    name: str
+    key: str
+    clean_dir: str
+    out_dir: str
+    stamp_dir: str
+    langs: tuple[str, str]
+    drop: Optional[str]
+    max_len: int
+
+
+_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def init_encoder(tokenizers: dict[str, Tokenizer]) -> None:
+    """Pool initializer: one single-threaded tokenizer per language in each worker process."""
+    for lang, tok in tokenizers.items():
+        tok = copy.copy(tok)  # run inline, the caller's tokenizer must keep its threads
+        tok.num_threads = 1  # the pool already uses every core; more threads would fight
+        _TOKENIZERS[lang] = tok
+
+
+def encode_shard(task: EncodeTask) -> dict[str, Any]:
+    """Encode one cleaned shard, drop empty and over-long pairs, write its token arrays."""
+    src_lang, tgt_lang = task.langs
+    src = read_text_lines(Path(task.clean_dir) / f"{task.name}.{src_lang}")
+    tgt = read_text_lines(Path(task.clean_dir) / f"{task.name}.{tgt_lang}")
+    counts = {"duplicate": 0, "empty": 0, "too_long": 0}
+    if task.drop is not None:
+        drop = set(np.load(task.drop).tolist())
+        counts["duplicate"] = len(drop)
+        src = [s for i, s in enumerate(src) if i not in drop]
+        tgt = [t for i, t in enumerate(tgt) if i not in drop]
+    # Every whitespace-separated word is at least one subword, so a side with more
+    # than max_len words is too long without encoding it: on WMT that spares
+    # sentencepiece a good part of its work, the costliest step of prepare.
+    short = [i for i, (s, t) in enumerate(zip(src, tgt)) if len(s.split()) <= task.max_len >= len(t.split())]
+    counts["too_long"] = len(src) - len(short)
+    src_ids = _TOKENIZERS[src_lang].encode_batch([src[i] for i in short])
+    tgt_ids = _TOKENIZERS[tgt_lang].encode_batch([tgt[i] for i in short])
+    keep_src, keep_tgt = [], []
+    for s, t in zip(src_ids, tgt_ids):
+        # A side made only of characters the normalizer removes encodes to nothing.
+        if not s or not t:
+            counts["empty"] += 1
+        elif len(s) > task.max_len or len(t) > task.max_len:
+            counts["too_long"] += 1
+        else:
+            keep_src.append(s)
+            keep_tgt.append(t)
+    tokens = {}
+    out = Path(task.out_dir)
+    for lang, seqs in ((src_lang, keep_src), (tgt_lang, keep_tgt)):
+        with TokenArrayWriter(out / f"{task.name}.{lang}") as writer:
+            writer.append_many(seqs)
+            writer.close()
+        tokens[lang] = sum(len(s) for s in seqs)
+    result = {"kept": len(keep_src), "counts": counts, "tokens": tokens}
+    write_stamp(Path(task.stamp_dir) / f"{task.name}.json", task.key, **result)
+    return {"name": task.name, **result}
+
+
+# ---------------------------------------------------------------------------- the pool
+
+
+def default_workers() -> int:
+    """Cores this process may use (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Workers:
+    """A process pool with a bounded queue; results come back in submission order.
+
+    ``Pool.imap`` would read its whole input ahead, which for blocks of a corpus
+    means the whole corpus in memory; here at most ``2 * processes`` tasks are in
+    flight, so memory stays bounded however long the input. With one process the
+    work runs inline, which keeps small runs and tests free of process overhead.
+    """
+
+    def __init__(self, processes: int, initializer: Optional[Callable[..., None]] = None, initargs: tuple = ()) -> None:
+        self.processes = max(1, processes)
+        self._pending: deque[tuple[Any, Callable[[Any], None]]] = deque()
+        self._pool = None
+        if self.processes > 1:
+            # fork: workers start in milliseconds and inherit the loaded modules.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._pool = multiprocessing.get_context(method).Pool(self.processes, initializer, initargs)
+        elif initializer is not None:
+            initializer(*initargs)
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any, done: Callable[[Any], None]) -> None:
+        if self._pool is None:
+            done(fn(arg))
+            return
+        self._pending.append((self._pool.apply_async(fn, (arg,)), done))
+        while len(self._pending) > 2 * self.processes:
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        result, done = self._pending.popleft()
+        done(result.get())
+
+    def drain(self) -> None:
+        while self._pending:
+            self._collect_one()
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self._pool is None:
+            return
+        if exc_type is None:
+            self.drain()
+            self._pool.close()
+        else:  # stop at once: the error is what the user needs to see
+            self._pool.terminate()
+        self._pool.join()

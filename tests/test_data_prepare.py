@@ -1,0 +1,297 @@
+"""``prepare`` end to end on real WMT'14 text: legacy file layout and registry parts from
+a mirror, the cleaning report, shards, determinism for any number of workers, reuse of
+finished work, and every kind of bad input as a one-line error with nothing half done."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from distnmt.cli import main
+from distnmt.data import CleanRules, DataError, TokenArray, Tokenizer, load_manifest, prepare, read_lines, read_parallel
+from distnmt.data.clean import DROPPING_RULES
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs/quickstart.yaml"
+SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, progress=False)
+
+
+def _prepare_small(mirror: Path, out: Path, **kw: Any):
+    return prepare(mirror, out, **{**SMALL, "workers": 1, **kw})
+
+
+def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
+
+
+# ------------------------------------------------------------------ legacy layout
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("prepared")
+    return prepare(shared_data, out, vocab_size=500, max_train_pairs=2000, progress=False, workers=1)
+
+
+def test_prepare_end_to_end(prepared, shared_data: Path) -> None:
+    out, manifest = prepared.out_dir, prepared.manifest
+    assert load_manifest(out) == manifest
+    assert manifest["version"] == 2 and manifest["vocab_size"] == 500 and manifest["max_len"] == 50
+    counts, dropped = manifest["counts"], manifest["dropped"]
+    assert counts["train_read"] == 2000
+    assert counts["train"] + sum(dropped.values()) == 2000
+    assert dropped["too_long"] > 0  # Europarl has sentences over 50 subwords
+    assert counts["dev"] == 3000 and counts["test"] == 3003
+
+    tok = {lang: Tokenizer(out / f"spm.{lang}.model") for lang in ("en", "fr")}
+    assert {lang: t.sha256 for lang, t in tok.items()} == manifest["spm_sha256"]
+    src, tgt = TokenArray(out / "train.en"), TokenArray(out / "train.fr")
+    assert len(src) == len(tgt) == counts["train"]
+    assert src.num_tokens == counts["train_tokens_en"] and tgt.num_tokens == counts["train_tokens_fr"]
+    assert 1 <= src.lengths.min() and max(src.lengths.max(), tgt.lengths.max()) <= 50
+    ids = np.load(out / "shards/train-00000.fr.ids.npy")
+    assert ids.dtype == np.uint16 and int(ids.max()) < 500
+
+    # the first training pair is short and clean: it decodes back to the raw text
+    en, fr = next(read_parallel(shared_data / "train/train.en.gz", shared_data / "train/train.fr.gz"))
+    assert tok["en"].decode(src[0]) == en and tok["fr"].decode(tgt[0]) == fr
+
+    # raw references are copied unchanged; sources are encoded in full
+    assert (out / "dev.en").read_bytes() == (shared_data / "dev/newstest2013.en").read_bytes()
+    assert (out / "dev.fr").read_bytes() == (shared_data / "dev/newstest2013.fr").read_bytes()
+    assert (out / "test.fr").read_bytes() == (shared_data / "test/newstest2014.fr").read_bytes()
+    assert read_lines(out / "test.en") == read_lines(shared_data / "test/newstest2014.en")
+    dev = TokenArray(out / "dev.en")
+    assert len(dev) == 3000 and dev[5].tolist() == tok["en"].encode(read_lines(out / "dev.en")[5])
+    assert len(TokenArray(out / "test.en")) == 3003
+    leftovers = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".scratch"))]
+    assert not leftovers
+    # the source checksums are those of the files as published with the sample
+    sums = dict(line.split()[::-1] for line in (shared_data / "SHA256SUMS").read_text().splitlines())
+    assert manifest["sources"]["train"]["train"]["sha256"] == [sums["train/train.en.gz"], sums["train/train.fr.gz"]]
+
+
+def test_load_manifest_errors(prepared, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=rf"^{tmp_path}/manifest.json: missing; run `distnmt prepare` first"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{\n  oops", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{tmp_path}/manifest.json:2: invalid JSON"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**prepared.manifest, "version": 1}), encoding="utf-8")
+    with pytest.raises(DataError, match="version 1 is not supported"):
+        load_manifest(tmp_path)
+    # manifest from one prepare, sentencepiece models from another
+    (tmp_path / "manifest.json").write_text(json.dumps(prepared.manifest), encoding="utf-8")
+    (tmp_path / "spm.en.model").write_bytes(b"other")
+    with pytest.raises(DataError, match=rf"^{tmp_path}/spm.en.model: sha256 .* does not match"):
+        load_manifest(tmp_path)
+
+
+def test_prepare_missing_source_names_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=rf"^{tmp_path}/train/train.en.gz: missing"):
+        prepare(tmp_path, tmp_path / "out", progress=False)
+
+
+# ------------------------------------------------------------ registry parts, mirror
+
+
+def test_preset_from_the_shared_sample(shared_data: Path, tmp_path: Path) -> None:
+    """`--mirror ../shared/data/wmt14-en-fr`: parts found by their short names, newstest by SGML ids."""
+    result = prepare(shared_data, tmp_path, **{**SMALL, "max_train_pairs": 3500, "workers": 2, "shard_size": 1000})
+    m = result.manifest
+    assert list(m["report"]) == ["europarl-v7", "news-commentary-v9", "total"]  # the limit stops in part 2
+    assert m["report"]["europarl-v7"]["read"] == 2994 and m["report"]["news-commentary-v9"]["read"] == 506
+    assert m["sources"]["train"]["europarl-v7"]["files"] == [
+        str(shared_data / "train/by-corpus/europarl-v7.en.gz"), str(shared_data / "train/by-corpus/europarl-v7.fr.gz")]
+    assert [s["name"] for s in m["shards"]] == [f"europarl-v7-0000{k}" for k in range(3)] + ["news-commentary-v9-00000"]
+    assert (tmp_path / "dev.fr").read_bytes() == (shared_data / "dev/newstest2013.fr").read_bytes()
+    assert (tmp_path / "test.en").read_bytes() == (shared_data / "test/newstest2014.en").read_bytes()
+    assert (tmp_path / "test.fr").read_bytes() == (shared_data / "test/newstest2014.fr").read_bytes()
+    assert len(TokenArray(tmp_path / "train.en")) == m["counts"]["train"]
+
+
+def test_report_per_rule_per_part(small_mirror: Path, tmp_path: Path) -> None:
+    rules = CleanRules(max_words=30, max_ratio=2.0, dedupe=True)
+    m = _prepare_small(small_mirror, tmp_path, rules=rules, max_len=40, shard_size=300).manifest
+    report = m["report"]
+    assert list(report) == ["europarl-v7", "news-commentary-v9", "giga-fren", "total"]
+    for part, row in report.items():
+        assert row["read"] == row["kept"] + sum(row[r] for r in DROPPING_RULES), part
+    assert all(report["total"][r] > 0 for r in ("max_words", "ratio", "too_long", "duplicate"))
+    assert report["europarl-v7"]["duplicate"] > 0  # Europarl boilerplate repeats
+    assert m["dropped"] == {r: report["total"][r] for r in DROPPING_RULES}
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    table = (tmp_path / "report.md").read_text()
+    assert "| giga-fren | 800 |" in table and "**total**" in table
+    # dedupe means no pair of the prepared data repeats
+    src, tgt = TokenArray(tmp_path / "train.en"), TokenArray(tmp_path / "train.fr")
+    pairs = {(tuple(src[i]), tuple(tgt[i])) for i in range(len(src))}
+    assert len(pairs) == len(src)
+
+
+def test_same_bytes_for_any_number_of_workers(small_mirror: Path, tmp_path: Path) -> None:
+    one = _prepare_small(small_mirror, tmp_path / "one", shard_size=250, workers=1).manifest
+    two = _prepare_small(small_mirror, tmp_path / "two", shard_size=250, workers=2).manifest
+    assert one["spm_sha256"] == two["spm_sha256"] and one["shards"] == two["shards"] and len(one["shards"]) == 12
+    for path in sorted((tmp_path / "one/shards").iterdir()):
+        assert path.read_bytes() == (tmp_path / "two/shards" / path.name).read_bytes(), path.name
+
+
+def test_joint_vocabulary(small_mirror: Path, tmp_path: Path) -> None:
+    m = _prepare_small(small_mirror, tmp_path, joint_vocab=True, vocab_size=400).manifest
+    assert (tmp_path / "spm.en.model").read_bytes() == (tmp_path / "spm.fr.model").read_bytes()
+    assert m["spm_sha256"]["en"] == m["spm_sha256"]["fr"] and m["joint_vocab"]
+    tok = Tokenizer(tmp_path / "spm.fr.model")
+    assert tok.vocab_size == 400
+    for text in ("Resumption of the session", "Reprise de la session"):  # one model for both languages
+        assert tok.decode(tok.encode(text)) == text
+    assert load_manifest(tmp_path)["spm_sample_pairs"] == m["counts"]["train_read"] - m["dropped"]["empty"]
+
+
+def test_spm_trains_on_a_bounded_sample(small_mirror: Path, tmp_path: Path) -> None:
+    m = _prepare_small(small_mirror, tmp_path, spm_sample_pairs=500, workers=2).manifest
+    assert m["spm_sample_pairs"] == 500
+    sampled = sum(len(read_lines(p)) for p in (tmp_path / "work/sample").glob("*.en"))
+    assert sampled == 500
+    # drawn from every part, not just the first 500 pairs
+    assert all(read_lines(p) for p in (tmp_path / "work/sample").glob("*.fr"))
+
+
+# ------------------------------------------------------------------------- reuse
+
+
+def test_rerun_reuses_finished_work(small_mirror: Path, tmp_path: Path) -> None:
+    first = _prepare_small(small_mirror, tmp_path, shard_size=400).manifest
+    clean, shards = _mtimes(tmp_path / "work/clean", "*.en"), _mtimes(tmp_path / "shards", "*")
+    model = (tmp_path / "spm.en.model").stat().st_mtime_ns
+
+    again = _prepare_small(small_mirror, tmp_path, shard_size=400, workers=2).manifest
+    assert again["shards"] == first["shards"] and again["spm_sha256"] == first["spm_sha256"]
+    assert _mtimes(tmp_path / "shards", "*") == shards and _mtimes(tmp_path / "work/clean", "*.en") == clean
+    assert (tmp_path / "spm.en.model").stat().st_mtime_ns == model
+
+    # a subword limit only changes the encode stage: cleaning and sentencepiece are reused
+    shorter = _prepare_small(small_mirror, tmp_path, shard_size=400, max_len=20).manifest
+    assert _mtimes(tmp_path / "work/clean", "*.en") == clean and (tmp_path / "spm.en.model").stat().st_mtime_ns == model
+    assert shorter["counts"]["train"] < first["counts"]["train"] and load_manifest(tmp_path)["max_len"] == 20
+    assert max(TokenArray(tmp_path / "train.fr").lengths) <= 20
+    # another vocabulary size retrains sentencepiece but keeps the cleaned text
+    _prepare_small(small_mirror, tmp_path, shard_size=400, vocab_size=350)
+    assert _mtimes(tmp_path / "work/clean", "*.en") == clean and Tokenizer(tmp_path / "spm.en.model").vocab_size == 350
+
+
+def test_failed_run_leaves_nothing_taken_as_done(small_mirror: Path, tmp_path: Path) -> None:
+    _prepare_small(small_mirror, tmp_path / "out", shard_size=300)
+    giga = small_mirror / "train/by-corpus/giga-fren.fr.gz"
+    good = giga.read_bytes()
+    lines = gzip.decompress(good).split(b"\n")
+    lines[650] = b"caf\xe9"  # line 651 of the last part is Latin-1
+    giga.write_bytes(gzip.compress(b"\n".join(lines)))
+    with pytest.raises(DataError, match=rf"^{giga}:651: not valid UTF-8"):
+        _prepare_small(small_mirror, tmp_path / "out", shard_size=300, workers=2)
+    with pytest.raises(DataError, match="manifest.json: missing"):
+        load_manifest(tmp_path / "out")  # the earlier complete output is no longer vouched for
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+
+    europarl = _mtimes(tmp_path / "out/work/clean", "europarl-v7-*.en")
+    giga.write_bytes(good)
+    fixed = _prepare_small(small_mirror, tmp_path / "out", shard_size=300, workers=2).manifest
+    assert _mtimes(tmp_path / "out/work/clean", "europarl-v7-*.en") == europarl  # not redone
+    fresh = _prepare_small(small_mirror, tmp_path / "fresh", shard_size=300).manifest
+    assert fixed["shards"] == fresh["shards"] and fixed["spm_sha256"] == fresh["spm_sha256"]
+    for path in (tmp_path / "fresh/shards").iterdir():
+        assert path.read_bytes() == (tmp_path / "out/shards" / path.name).read_bytes()
+
+
+# --------------------------------------------------------------------- bad input
+
+
+def _gz_lines(path: Path) -> list[bytes]:
+    return gzip.decompress(path.read_bytes()).split(b"\n")
+
+
+def _damage(mirror: Path, kind: str) -> tuple[Path, str]:
+    """Break the mirror one way; returns the file the error must name and a regex for the rest."""
+    by_corpus = mirror / "train/by-corpus"
+    if kind == "line counts":
+        path = by_corpus / "news-commentary.fr.gz"
+        path.write_bytes(gzip.compress(b"\n".join(_gz_lines(path)[:-4]) + b"\n"))
+        return path, rf": has 797 lines but {by_corpus / 'news-commentary.en.gz'} has 800$"
+    if kind == "utf-8":
+        path = by_corpus / "europarl-v7.en.gz"
+        lines = _gz_lines(path)
+        lines[9] = b"\xff\xfe broken"
+        path.write_bytes(gzip.compress(b"\n".join(lines)))
+        return path, r":10: not valid UTF-8"
+    if kind == "truncated gzip":
+        path = by_corpus / "giga-fren.en.gz"
+        path.write_bytes(path.read_bytes()[:-100])
+        return path, r":\d+: cannot read: EOFError"
+    if kind == "empty corpus":
+        path = by_corpus / "europarl-v7.en.gz"
+        for lang in ("en", "fr"):
+            (by_corpus / f"europarl-v7.{lang}.gz").write_bytes(gzip.compress(b""))
+        return path, r": empty: no lines to read"
+    if kind == "missing part":
+        for lang in ("en", "fr"):
+            (by_corpus / f"giga-fren.{lang}.gz").unlink()
+        return mirror, r": giga-fren not found: no giga-fren.release2.fixed.en\[.gz\] .* no archive training-giga-fren.tar$"
+    if kind == "malformed SGML":
+        path = mirror / "test/newstest2014-fren-ref.fr.sgm"
+        text = path.read_text(encoding="utf-8").replace('<seg id="3">', '<seg id="2">', 1)
+        path.write_text(text, encoding="utf-8")
+        return path, r":\d+: duplicate seg id '2' in doc"
+    if kind == "SGML ids differ":
+        path = mirror / "dev/newstest2013-ref.fr.sgm"
+        text = path.read_text(encoding="utf-8").replace('<seg id="5">', '<seg id="500">', 1)
+        path.write_text(text, encoding="utf-8")
+        return path, r": no seg id '5' in doc '.*' \(the source has it at .*newstest2013-src.en.sgm:\d+\)$"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["line counts", "utf-8", "truncated gzip", "empty corpus", "missing part",
+                                  "malformed SGML", "SGML ids differ"])
+def test_bad_input_is_one_line_naming_the_file(small_mirror: Path, tmp_path: Path, kind: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path, rest = _damage(small_mirror, kind)
+    with pytest.raises(DataError) as info:
+        _prepare_small(small_mirror, tmp_path / "out", workers=2)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path)) and re.search(rest, message[len(str(path)):]), message
+    assert not (tmp_path / "out/manifest.json").exists()
+    # and through the command line: one line on stderr, exit status 2
+    code = main(["prepare", "--quiet", "--config", str(QUICKSTART), "--mirror", str(small_mirror),
+                 "--set", f"data.prepared_dir={tmp_path / 'cli'}", "--set", "data.vocab_size=300", "--set", "data.workers=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"distnmt prepare: error: {path}")
+
+
+def test_cli_prepare_with_a_mirror(small_mirror: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(["prepare", "--quiet", "--config", str(QUICKSTART), "--mirror", str(small_mirror),
+                 "--set", f"data.prepared_dir={out}", "--set", "data.vocab_size=300", "--set", "data.workers=1",
+                 "--set", "data.max_ratio=2.5"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"[prepare] report: {out / 'report.md'}" in printed
+    manifest = load_manifest(out)
+    assert manifest["config"]["preset"] == "sample" and manifest["config"]["rules"]["max_ratio"] == 2.5
+    assert manifest["config"]["rules"]["dedupe"] and min(manifest["counts"]["dev"], manifest["counts"]["test"]) > 100
+    assert manifest["source_dir"] == str(small_mirror.resolve())
+    assert main(["prepare", "--quiet", "--set", "data.shard_size=0"]) == 2
+    assert "data.shard_size: 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_download_needs_registry_parts(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data.source_dir is null"):
+        prepare(None, tmp_path, progress=False)
+    with pytest.raises(DataError, match=r"^data.parts: unknown part 'europarl' \(known: europarl-v7, "):
+        prepare(None, tmp_path, parts=["europarl"], progress=False)
+    with pytest.raises(DataError, match=r"^data.preset: unknown preset 'full'"):
+        prepare(None, tmp_path, preset="full", progress=False)
