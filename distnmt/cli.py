@@ -97,18 +97,35 @@ def _eval_overrides(args: argparse.Namespace, cfg: Config) -> EvalConfig:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score one checkpoint on dev or test without Ray Train."""
+    """Score one checkpoint, or the average of the last N, on dev or test without Ray Train."""
+    import shutil
+
     from distnmt.checkpoint import read_meta
     from distnmt.config import config_from_dict
+    from distnmt.evaluate.average import average_checkpoints, last_checkpoints
     from distnmt.evaluate.evaluator import Evaluator
 
-    stored = config_from_dict(read_meta(args.checkpoint)["config"])
+    checkpoint = Path(args.checkpoint)
+    stored = config_from_dict(read_meta(checkpoint)["config"])
     cfg = load_config(args.config, args.overrides) if args.config or args.overrides else stored
     cfg = dataclasses.replace(cfg, eval=_eval_overrides(args, cfg))
     prepared = args.prepared or Path(cfg.data.prepared_dir)
-    out = args.out or (Path(args.checkpoint).parent)
+    out = args.out or checkpoint.parent
+    if args.average < 1:
+        raise ConfigError(f"--average {args.average}: must be at least 1 (1 = no averaging)")
+    if args.average > 1:
+        paths = last_checkpoints(checkpoint, args.average)
+        averaged = out / "averaged" / f"avg{args.average}_{checkpoint.name}"
+        shutil.rmtree(averaged, ignore_errors=True)  # the same inputs give the same average: rewrite it
+        checkpoint = average_checkpoints(paths, averaged)
+        print(f"[evaluate] averaged {' '.join(p.name for p in paths)} into {checkpoint}", flush=True)
     evaluator = Evaluator(cfg.to_dict(), str(prepared), str(out))
-    record = evaluator.score(str(args.checkpoint))
+    record = evaluator.score(str(checkpoint))
+    print(
+        f"[evaluate] {record['sentences']} sentences, beam {record['beam_size']}: decoded in "
+        f"{record['decode_seconds']:.1f} s ({record['sentences_per_s']:.1f} sentences/s); "
+        f"hypotheses in {Path(out) / 'eval' / record['hyp_file']}"
+    )
     print(f"{record['test_set']} {record['checkpoint']}: {record['bleu_line']}")
     print(f"chrF2|{record['chrf_signature']} = {record['chrf']:.2f}")
     return 0
@@ -132,7 +149,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("data", "model")  # distnmt/bench/<name>.py, each with main(argv) -> int
+BENCHMARKS = ("data", "model", "train")  # distnmt/bench/<name>.py, each with main(argv) -> int
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -169,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentences", type=int, help="score only the first N sentences")
     p.add_argument("--prepared", type=Path, help="prepared data directory (default: the config's)")
     p.add_argument("--out", type=Path, help="where eval/*.jsonl and hypotheses go (default: beside the checkpoint)")
+    p.add_argument("--average", type=int, default=1, metavar="N",
+                   help="score the average of the weights of the last N checkpoints up to CHECKPOINT "
+                        "(written to OUT/averaged/); default 1: no averaging")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("translate", help="translate stdin to stdout", description=cmd_translate.__doc__)

@@ -11,6 +11,7 @@ epoch, the sampler's position and every rank's RNG states.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -158,6 +159,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:
         sampler.set_epoch(epoch)
 
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     wandb_run = start_wandb(cfg, run_dir, wandb_id) if rank == 0 else None
     batch_log = _open_batch_log(cfg, run_dir, rank)
     if rank == 0:
@@ -186,7 +189,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 meter.reset()
                 if rank == 0:
                     left = (len(sampler) - sampler.position) / cfg.train.accumulate
-                    _log(step, epoch, cfg, metrics, stats, left * metrics["step_time_s"], wandb_run)
+                    _log(step, epoch, cfg, metrics, stats, left * metrics["step_time_s"], wandb_run,
+                         run_dir / "metrics.jsonl")
             if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps:
                 _checkpoint_and_report(cfg, engine, sampler, step, epoch, rank, world, manifest, vocab_size,
                                        wandb_run.id if wandb_run is not None else wandb_id)
@@ -258,8 +262,13 @@ def _open_batch_log(cfg: Config, run_dir: Path, rank: int):
 
 
 def _log(step: int, epoch: int, cfg: Config, metrics: dict[str, float], last: StepStats,
-         eta_s: float, wandb_run: Optional[Any]) -> None:
+         eta_s: float, wandb_run: Optional[Any], metrics_path: Path) -> None:
+    """A progress line, a line of <run_dir>/metrics.jsonl, and W&B (rank 0 only)."""
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(metrics_path, "a", encoding="utf-8") as handle:  # the same figures W&B gets, locally
+        handle.write(json.dumps({"step": step, "epoch": epoch, "time": time.time(), "lr": last.lr,
+                                 "grad_norm": last.grad_norm, "loss_scale": last.loss_scale,
+                                 "peak_rss_mib": rss_mib, **metrics}) + "\n")
     _say(
         f"[train] step {step}/{cfg.train.max_steps} epoch {epoch} | loss {metrics['loss']:.3f} "
         f"| ppl {metrics['ppl']:.1f} | {metrics['tokens_per_s']:.0f} tgt tok/s "
