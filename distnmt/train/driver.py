@@ -87,7 +87,11 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
             name=cfg.train.name,
             storage_path=cfg.train.storage_path,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # With keep_checkpoints: the K best by dev BLEU (Ray re-ranks a checkpoint when
+            # its evaluator score arrives) and always the newest; unscored ones are kept.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="bleu", checkpoint_score_order="max",
+            ),
         ),
         validation_config=ValidationConfig(
             fn=score_with_evaluator,

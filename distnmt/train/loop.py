@@ -317,7 +317,8 @@ def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSamp
         (directory / RNG_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), directory / RNG_DIR / f"rank{rank}.pt")
         ray.train.report(
-            {"step": step, "epoch": epoch},
+            # bleu: NaN until the evaluator's score replaces it (NaN ranks below any score).
+            {"step": step, "epoch": epoch, "bleu": float("nan")},
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
             checkpoint_dir_name=name,
             validation=True,
