@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,6 +29,16 @@ log = logging.getLogger(__name__)
 
 SRC_SPM = "spm.src.model"
 TGT_SPM = "spm.tgt.model"
+
+
+@dataclass
+class Alignment:
+    """One translated sentence with its attention weights (rows: target, columns: source)."""
+
+    src_pieces: list[str]
+    tgt_pieces: list[str]
+    weights: "np.ndarray"  # [len(tgt_pieces), len(src_pieces)], each row sums to 1
+    translation: str
 
 
 @dataclass
@@ -61,6 +72,31 @@ class Translator:
             for i, hyp in zip(chunk, hyps):
                 outputs[i] = self.tgt_tok.decode(hyp)
         return [text if text is not None else "" for text in outputs]
+
+    def attention(self, sentences: list[str]) -> list["Alignment"]:
+        """Translate ``sentences`` one batch, keeping each best hypothesis' attention weights.
+
+        For the paper's Figure 3: beam search with this translator's beam size
+        (beam 1 is exactly greedy), one [target pieces + EOS, source pieces + EOS]
+        matrix per sentence.
+        """
+        cfg = self.eval_cfg
+        ids = [seq[: self.max_src_len] for seq in self.src_tok.encode_batch(sentences)]
+        src, lengths = collate_sentences(ids)
+        self.model.eval()
+        with torch.inference_mode():
+            hyps, attns = beam_search(
+                self.model, src.to(self.device), lengths.to(self.device), BOS_ID, EOS_ID,
+                beam_size=cfg.beam_size, alpha=cfg.alpha, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
+                return_attention=True,
+            )
+        alignments = []
+        for seq, hyp, attn in zip(ids, hyps, attns):
+            src_pieces = [self.src_tok.id_to_piece(i) for i in seq] + ["</s>"]
+            # The last row is EOS's when the hypothesis ended with it rather than at the length limit.
+            tgt_pieces = [self.tgt_tok.id_to_piece(i) for i in hyp] + ["</s>"] * (attn.size(0) - len(hyp))
+            alignments.append(Alignment(src_pieces, tgt_pieces, attn.float().numpy(), self.tgt_tok.decode(hyp)))
+        return alignments
 
     def _search(self, src: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         cfg = self.eval_cfg

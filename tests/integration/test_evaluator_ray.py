@@ -1,0 +1,179 @@
+"""The evaluator actor in real 2-worker Ray Train runs on this 2-CPU machine:
+killing it mid-decode loses no checkpoint's score; early stopping ends a run;
+under policy "newest" every checkpoint is scored or recorded as skipped; the
+end-of-run work (test score of the best checkpoint, the paper's figures) is done.
+
+(That the evaluator scores while training goes on is tests/integration/test_ray_run.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytest
+import ray
+
+from distnmt.config import load_config
+from distnmt.data.prepare import prepare
+from distnmt.evaluate.evaluator import SLOWDOWN_ENV
+
+pytestmark = pytest.mark.integration
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "wmt14-en-fr"
+NAMESPACE = "distnmt"  # distnmt.train.driver.NAMESPACE (not imported: collecting must not need train/)
+TINY = [
+    "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
+    "data.max_len=30", "data.max_tokens=600", "data.vocab_size=800",
+    "optim.name=adam", "optim.lr=0.003",
+    "train.workers=2", "train.precision=fp32",
+    "eval.beam_size=2", "eval.batch_sentences=50", "eval.attention_examples=2",
+    "logging.log_every=10",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(SHARED, out, vocab_size=800, max_len=30, max_train_pairs=3000, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local cluster for the module (the driver joins it instead of starting its own).
+
+    The cluster's processes inherit the test's environment: Ray Train's controller
+    polls every 2 s by default, long next to these tiny runs; and the tiny models
+    decode in a blink, so each decode is made to last 2 s (SLOWDOWN_ENV) for the
+    evaluator to fall behind training and to be caught mid-decode.
+    """
+    settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", SLOWDOWN_ENV: "2"}
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    ray.init(address="local", namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
+    yield
+    ray.shutdown()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _train(prepared: Path, storage: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
+    from distnmt.train.driver import run_training
+
+    cfg = load_config(None, TINY + overrides + [
+        f"data.prepared_dir={prepared}", f"train.storage_path={storage}", f"train.name={name}",
+    ])
+    try:
+        return run_training(cfg)
+    finally:
+        _release_evaluator(name)
+
+
+def _release_evaluator(name: str) -> None:
+    """The actor outlives run_training on a cluster the test owns; free its CPU for the next run."""
+    try:
+        ray.kill(ray.get_actor(f"distnmt-evaluator-{name}", namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        pass  # never started
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("checkpoint_*") if (p / "meta.json").is_file())
+
+
+class _Killer(threading.Thread):
+    """Kills the evaluator actor (Ray restarts it) the first time it is caught decoding."""
+
+    def __init__(self, name: str, deadline_s: float = 120.0) -> None:
+        super().__init__(daemon=True)
+        self.name_ = name
+        self.deadline = time.time() + deadline_s
+        self.killed: Optional[dict[str, Any]] = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and time.time() < self.deadline:
+            try:
+                actor = ray.get_actor(f"distnmt-evaluator-{self.name_}", namespace=NAMESPACE)
+                status = ray.get(actor.status.remote(), timeout=10)
+            except (ValueError, ray.exceptions.RayError):
+                time.sleep(0.2)
+                continue
+            if status["decoding"]:
+                ray.kill(actor, no_restart=False)
+                self.killed = status
+                return
+            time.sleep(0.05)
+
+
+def test_killing_the_evaluator_mid_decode_loses_no_score(local_ray: None, prepared: Path, tmp_path: Path) -> None:
+    killer = _Killer("kill")
+    killer.start()
+    try:
+        records = _train(prepared, tmp_path, "kill", [
+            "train.max_steps=100", "train.checkpoint_every=50", "eval.max_sentences=100",
+        ])
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None, "the evaluator was never caught decoding"
+
+    run_dir = tmp_path / "kill"
+    checkpoints = _checkpoints(run_dir)
+    assert checkpoints == ["checkpoint_00000050", "checkpoint_00000100"]
+    persisted = [r for r in _lines(run_dir / "eval" / "dev.jsonl") if r["origin"] == "training"]
+    # Every reported checkpoint has its score, exactly once, though one decode was cut short.
+    assert sorted(r["checkpoint"] for r in persisted) == checkpoints
+    assert sorted(r["checkpoint"] for r in records) == checkpoints
+    # The one being decoded when the actor died was scored by its successor.
+    victim = next(r for r in persisted if r["checkpoint"] == killer.killed["decoding"])
+    assert victim["evaluator_pid"] != killer.killed["pid"]
+
+    # The end of the run: the best checkpoint on newstest2014, the paper's figures.
+    final = json.loads((run_dir / "eval" / "final.json").read_text())
+    best = max(persisted, key=lambda r: (r["bleu"], -r["step"]))
+    assert final["best"]["checkpoint"] == best["checkpoint"]
+    assert (final["test"]["test_set"], final["test"]["checkpoint"]) == ("newstest2014", best["checkpoint"])
+    assert sorted(final["figures"]) == [
+        "figures/attention_dev0001.png", "figures/attention_dev0003.png", "figures/bleu_by_length.png",
+    ]
+    for name in final["figures"]:
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert final["lag_seconds"]["checkpoints"] == 2
+
+
+def test_early_stopping_ends_the_run_and_newest_policy_skips_with_a_record(
+    local_ray: None, prepared: Path, tmp_path: Path
+) -> None:
+    # No checkpoint can beat the first by 100 BLEU: the run must stop after the second score.
+    # Checkpoints every 10 steps and 2 s decodes: the evaluator falls behind.
+    _train(prepared, tmp_path, "early", [
+        "train.max_steps=3000", "train.checkpoint_every=10", "eval.max_sentences=50",
+        "eval.patience=1", "eval.min_delta=100", "eval.policy=newest", "eval.figures=false", "eval.test_at_end=false",
+    ])
+    run_dir = tmp_path / "early"
+    checkpoints = _checkpoints(run_dir)
+    steps = [int(name.split("_")[1]) for name in checkpoints]
+    assert max(steps) < 3000, "early stopping did not end the run"
+
+    final = json.loads((run_dir / "eval" / "final.json").read_text())
+    assert final["stop_reason"].startswith("early stopping: newstest2013 BLEU has not improved by more than 100")
+    scored = [r["checkpoint"] for r in _lines(run_dir / "eval" / "dev.jsonl")]
+    skipped = _lines(run_dir / "eval" / "dev.skipped.jsonl")
+    # Every reported checkpoint was either scored or recorded as skipped, never both.
+    assert sorted(scored + [r["checkpoint"] for r in skipped]) == checkpoints
+    assert len(scored) >= 2 and checkpoints[-1] in scored  # the newest is always scored
+    assert skipped, "the evaluator never fell behind"
+    for record in skipped:
+        assert record["newer"] > record["checkpoint"] and record["newer"] in checkpoints

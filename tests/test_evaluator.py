@@ -1,0 +1,293 @@
+"""The evaluator without Ray: policies, early stopping, persistence and restart,
+sacreBLEU agreement with its command line, end-of-run test score, figures, W&B
+(offline) and checkpoint averaging. Real sentencepiece models from the WMT'14
+sample, real (untrained, tiny) RNNsearch checkpoints, real sacreBLEU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray.train
+import torch
+
+from distnmt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from distnmt.cli import main as cli_main
+from distnmt.config import ConfigError, load_config
+from distnmt.data.prepare import load_manifest, prepare
+from distnmt.data.tokenizer import PAD_ID, Tokenizer
+from distnmt.evaluate.average import average_checkpoints, last_checkpoints
+from distnmt.evaluate.evaluator import Evaluator, example_indices, eval_set_name
+from distnmt.evaluate.figures import bleu_by_length
+from distnmt.evaluate.policy import EarlyStopping, best_record, should_skip
+from distnmt.evaluate.translator import SRC_SPM, TGT_SPM, translator_from_checkpoint
+from distnmt.model.build import build_model
+
+TINY = [
+    "model.embed_size=16", "model.hidden_size=24", "model.align_size=24", "model.maxout_size=16",
+    "data.max_len=30", "data.vocab_size=800",
+    "eval.beam_size=2", "eval.max_sentences=12", "eval.batch_sentences=12", "eval.attention_examples=2",
+]
+
+
+# ---------------------------------------------------------------- pure rules
+
+
+def test_policy_every_never_skips_and_newest_skips_for_a_newer_checkpoint() -> None:
+    known = {"checkpoint_10": 10, "checkpoint_20": 20, "checkpoint_30": 30}
+    assert should_skip("every", 10, known) is None
+    assert should_skip("newest", 10, known) == "checkpoint_30"  # names the newest it knows
+    assert should_skip("newest", 30, known) is None  # the newest is always scored
+    with pytest.raises(ValueError):
+        should_skip("oldest", 10, known)
+
+
+def _rec(step: int, bleu: float) -> dict[str, Any]:
+    return {"step": step, "bleu": bleu, "checkpoint": f"checkpoint_{step}", "test_set": "newstest2013"}
+
+
+def test_early_stopping_counts_scored_checkpoints_since_the_best() -> None:
+    records = [_rec(10, 5.0), _rec(20, 7.0), _rec(30, 6.9), _rec(40, 7.0)]
+    assert EarlyStopping(None).reason(records) is None
+    assert EarlyStopping(3).reason(records) is None  # two without improvement, patience 3
+    reason = EarlyStopping(2).reason(records)
+    assert reason is not None and reason.startswith("early stopping: newstest2013 BLEU has not improved")
+    assert "best 7.00 at step 20" in reason and "patience 2" in reason
+    # Scored out of order (a restart): the decision follows training steps.
+    assert EarlyStopping(2).reason(list(reversed(records))) == reason
+    # min_delta: +2.0 is not "better" when a gain must exceed 2.5.
+    assert EarlyStopping(1, min_delta=2.5).since_best(records)[1] == 3
+
+
+def test_best_record_prefers_the_earliest_on_a_tie() -> None:
+    assert best_record([_rec(30, 7.0), _rec(20, 7.0), _rec(10, 1.0)])["step"] == 20
+    assert best_record([]) is None
+
+
+def test_bleu_by_length_bins_by_source_words() -> None:
+    sources = ["a b c", "a " * 15, "a " * 70, "one two"]
+    refs = ["le petit chat noir dort", "il fait beau ce matin", "x y z w v", "deux mots et plus encore"]
+    bins = bleu_by_length(sources, refs, refs)
+    assert [(b.label, b.sentences) for b in bins] == [("1-10", 2), ("11-20", 1), ("60+", 1)]
+    assert all(b.bleu == pytest.approx(100.0) for b in bins)
+
+
+def test_test_set_names() -> None:
+    assert eval_set_name("dev/newstest2013") == "newstest2013"
+    assert eval_set_name("test/newstest2014-fren-src.en.sgm") == "newstest2014"
+
+
+def test_eval_config_keys_are_checked() -> None:
+    cfg = load_config(None, ["eval.policy=newest", "eval.patience=3", "eval.test_at_end=false"])
+    assert (cfg.eval.policy, cfg.eval.patience, cfg.eval.test_at_end) == ("newest", 3, False)
+    with pytest.raises(ConfigError, match="eval.policy"):
+        load_config(None, ["eval.policy=latest"])
+    with pytest.raises(ConfigError, match="eval.patience: 0 must be at least 1"):
+        load_config(None, ["eval.patience=0"])
+
+
+# ---------------------------------------------------------------- with real checkpoints
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(shared_data, out, vocab_size=800, max_len=30, max_train_pairs=2000, progress=False)
+    return out
+
+
+def _config(prepared: Path, *extra: str) -> dict[str, Any]:
+    return load_config(None, TINY + [f"data.prepared_dir={prepared}", *extra]).to_dict()
+
+
+def make_checkpoint(run_dir: Path, prepared: Path, step: int, seed: int, extra: tuple[str, ...] = ()) -> Path:
+    """An untrained tiny RNNsearch checkpoint in the trainer's format (weights from ``seed``)."""
+    config = _config(prepared, *extra)
+    cfg = load_config(None, TINY + list(extra))
+    src_tok, tgt_tok = Tokenizer(prepared / "spm.en.model"), Tokenizer(prepared / "spm.fr.model")
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, pad_id=PAD_ID)
+    return save_checkpoint(
+        run_dir / f"checkpoint_{step:08d}", {"model": model.state_dict(), "step": step},
+        step=step, config=config, vocab_sha256=load_manifest(prepared)["spm_sha256"],
+        extra_meta={"vocab_size": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size}},
+        extra_files={SRC_SPM: prepared / "spm.en.model", TGT_SPM: prepared / "spm.fr.model"},
+    )
+
+
+def _report(evaluator: Evaluator, checkpoint: Path) -> dict[str, Any]:
+    """What the training hook does, without Ray: hand over a Ray Train checkpoint."""
+    return evaluator.score_checkpoint(ray.train.Checkpoint.from_directory(str(checkpoint)))
+
+
+def test_scores_persist_and_a_restarted_evaluator_reuses_them(prepared: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = make_checkpoint(run, prepared, 10, seed=1)
+    evaluator = Evaluator(_config(prepared), str(prepared), str(run))
+    record = _report(evaluator, first)
+    assert record["origin"] == "training" and record["sentences"] == 12
+    assert record["lag_seconds"] is not None and record["lag_seconds"] >= 0
+    assert record["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+    assert len((run / "eval" / record["hyp_file"]).read_text().splitlines()) == 12
+
+    # A crash mid-write leaves a cut line; the restarted evaluator ignores it.
+    with open(run / "eval" / "dev.jsonl", "a") as handle:
+        handle.write('{"checkpoint": "checkpoint_000')
+    restarted = Evaluator(_config(prepared), str(prepared), str(run))
+    assert [r["checkpoint"] for r in restarted.results()] == [first.name]
+    again = _report(restarted, first)  # re-sent after a restart: not decoded again
+    assert again["scored_at"] == record["scored_at"]
+    # Other decoding settings are another score, not a reused one.
+    other = Evaluator(_config(prepared, "eval.beam_size=1"), str(prepared), str(run))
+    assert other.results() == []
+
+
+def test_newest_policy_skips_a_checkpoint_when_a_newer_one_was_reported(prepared: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    paths = [make_checkpoint(run, prepared, step, seed=step) for step in (10, 20, 30)]
+    newest = Evaluator(_config(prepared, "eval.policy=newest"), str(prepared), str(run))
+    skipped = _report(newest, paths[0])
+    assert skipped["skipped"] and skipped["newer"] == "checkpoint_00000030"
+    assert not _report(newest, paths[2]).get("skipped")
+    # Skips are recorded apart from scores, and survive a restart.
+    assert [r["checkpoint"] for r in newest.results()] == ["checkpoint_00000030"]
+    lines = (run / "eval" / "dev.skipped.jsonl").read_text().splitlines()
+    assert [json.loads(line)["checkpoint"] for line in lines] == ["checkpoint_00000010"]
+    assert [r["checkpoint"] for r in Evaluator(_config(prepared), str(prepared), str(run)).skipped()] == [
+        "checkpoint_00000010"
+    ]
+    # Policy "every" scores it all the same.
+    every = Evaluator(_config(prepared), str(prepared), str(tmp_path / "other"))
+    assert not _report(every, paths[0]).get("skipped")
+
+
+def test_bleu_and_chrf_equal_the_sacrebleu_command_line(prepared: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    evaluator = Evaluator(_config(prepared, "eval.max_sentences=40", "eval.batch_sentences=40"), str(prepared), str(run))
+    record = _report(evaluator, make_checkpoint(run, prepared, 10, seed=3))
+    ref = tmp_path / "ref.fr"
+    ref.write_text("".join((prepared / "dev.fr").read_text(encoding="utf-8").splitlines(keepends=True)[:40]))
+    hyp = run / "eval" / record["hyp_file"]
+    out = subprocess.run(
+        [sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m", "bleu", "chrf", "-w", "6", "-f", "text"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    # e.g. "BLEU|nrefs:1|...|version:2.6.0 = 0.061234 0.9/0.0/..." then "chrF2|...|version:2.6.0 = 12.345678"
+    (bleu_sig, bleu_rest), (chrf_sig, chrf_rest) = (line.strip().split(" = ", 1) for line in out.stdout.splitlines())
+    assert float(bleu_rest.split()[0]) == pytest.approx(record["bleu"], abs=1e-6)
+    assert float(chrf_rest) == pytest.approx(record["chrf"], abs=1e-6)
+    # The same metric settings, not just the same numbers.
+    assert bleu_sig == f"BLEU|{record['bleu_signature']}"
+    assert chrf_sig == f"chrF2|{record['chrf_signature']}"
+
+
+def test_stop_reason_comes_from_persisted_scores(prepared: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    evaluator = Evaluator(_config(prepared, "eval.patience=1", "eval.min_delta=100"), str(prepared), str(run))
+    assert evaluator.stop_reason() is None
+    _report(evaluator, make_checkpoint(run, prepared, 10, seed=1))
+    assert evaluator.stop_reason() is None  # the first score is the best so far
+    _report(evaluator, make_checkpoint(run, prepared, 20, seed=2))
+    reason = evaluator.stop_reason()
+    assert reason is not None and "has not improved by more than 100 for 1 scored checkpoint(s)" in reason
+    # A restarted evaluator gives the same answer at once.
+    assert Evaluator(_config(prepared, "eval.patience=1", "eval.min_delta=100"), str(prepared), str(run)).stop_reason() == reason
+
+
+def test_finalize_scores_the_best_on_test_draws_figures_and_logs_to_wandb(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    evaluator = Evaluator(_config(prepared, "logging.wandb=offline"), str(prepared), str(run))
+    scores = [_report(evaluator, make_checkpoint(run, prepared, step, seed=step)) for step in (10, 20)]
+    best = max(scores, key=lambda r: (r["bleu"], -r["step"]))
+
+    records = evaluator.finalize()
+    assert [r["step"] for r in records] == [10, 20]  # the evaluation split's scores, for the driver
+    final = json.loads((run / "eval" / "final.json").read_text())
+    assert final == evaluator.final()
+    assert final["best"]["checkpoint"] == best["checkpoint"]
+    test = final["test"]
+    assert (test["split"], test["test_set"], test["checkpoint"], test["sentences"]) == (
+        "test", "newstest2014", best["checkpoint"], 12
+    )
+    assert [json.loads(line)["checkpoint"] for line in (run / "eval" / "test.jsonl").read_text().splitlines()] == [
+        best["checkpoint"]
+    ]
+    # The paper's figures, as PNG files in the run directory.
+    assert len(final["figures"]) == 3  # Figure 2 + two attention examples
+    for name in final["figures"]:
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bins = json.loads((run / "figures" / "bleu_by_length.json").read_text())
+    assert sum(b["sentences"] for b in bins) == 12
+    # W&B: a separate offline run in the training run's group, id kept for restarts.
+    run_id = (run / "eval" / "wandb_run_id").read_text().strip()
+    offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    # Finalizing again reuses every score.
+    assert evaluator.finalize() == records
+    assert len((run / "eval" / "test.jsonl").read_text().splitlines()) == 1
+
+
+def test_attention_rows_are_distributions_over_the_source(prepared: Path, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path, prepared, 10, seed=1)
+    cfg = load_config(None, TINY + ["eval.beam_size=3"]).eval
+    sentences = (prepared / "dev.en").read_text().splitlines()
+    picks = example_indices(sentences, 2)
+    assert picks == example_indices(sentences, 2)  # fixed sentences, run after run
+    for alignment in translator_from_checkpoint(path, cfg).attention([sentences[i] for i in picks]):
+        assert alignment.weights.shape == (len(alignment.tgt_pieces), len(alignment.src_pieces))
+        assert alignment.src_pieces[-1] == "</s>"
+        assert alignment.weights.sum(axis=1) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_averaging_the_last_checkpoints(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    paths = [make_checkpoint(run, prepared, step, seed=step) for step in (10, 20, 30)]
+    assert last_checkpoints(paths[2], 2) == paths[1:]
+    assert last_checkpoints(paths[1], 2) == paths[:2]
+    with pytest.raises(CheckpointError, match="averaging 4 checkpoints needs 4 up to step 30"):
+        last_checkpoints(paths[2], 4)
+
+    averaged = average_checkpoints(paths[1:], tmp_path / "avg")
+    loaded = load_checkpoint(averaged)
+    a, b = (load_checkpoint(p).state["model"] for p in paths[1:])
+    for name, tensor in loaded.state["model"].items():
+        torch.testing.assert_close(tensor, (a[name] + b[name]) / 2)
+    assert loaded.meta["averaged_from"] == [p.name for p in paths[1:]] and loaded.step == 30
+
+    # From the command line: averaged, scored, and the averaged checkpoint kept.
+    out = tmp_path / "out"
+    code = cli_main([
+        "evaluate", str(paths[2]), "--average", "2", "--beam", "1", "--max-sentences", "5",
+        "--prepared", str(prepared), "--out", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "averaged checkpoint_00000020 checkpoint_00000030" in printed and "BLEU" in printed
+    record = json.loads((out / "eval" / "dev.jsonl").read_text().splitlines()[0])
+    assert record["averaged_from"] == ["checkpoint_00000020", "checkpoint_00000030"]
+    assert (out / "averaged" / record["checkpoint"] / "meta.json").is_file()
+
+
+def test_averaging_refuses_different_models(prepared: Path, tmp_path: Path) -> None:
+    one = make_checkpoint(tmp_path / "a", prepared, 10, seed=1)
+    two = make_checkpoint(tmp_path / "b", prepared, 20, seed=1, extra=("model.hidden_size=32",))
+    with pytest.raises(CheckpointError, match="model config differs"):
+        average_checkpoints([one, two], tmp_path / "avg")
+
+
+def test_sacrebleu_cli_is_the_one_installed() -> None:
+    # The comparison above runs `python -m sacrebleu`; make sure it is the library we score with.
+    import sacrebleu
+
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", "--version"], capture_output=True, text=True,
+                         env={**os.environ}, timeout=60)
+    assert sacrebleu.__version__ in out.stdout + out.stderr
