@@ -25,6 +25,7 @@ from tqdm import tqdm
 from distnmt.data.errors import DataError
 
 _CHUNK = 1 << 20
+BACKOFF_S = 2.0  # seconds before retry n is n * BACKOFF_S (a module constant, so tests can shorten it)
 _USER_AGENT = "distnmt-prepare/0.1 (+https://github.com/)"
 
 
@@ -34,7 +35,7 @@ def part_path(dest: Path) -> Path:
 
 def download(
     url: str, dest: Path, *, size: Optional[int] = None, progress: bool = True,
-    retries: int = 5, timeout: float = 60.0, backoff: float = 2.0,
+    retries: int = 5, timeout: float = 60.0,
 ) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``); returns ``dest``.
 
@@ -57,7 +58,7 @@ def download(
                 raise DataError(f"{url}: HTTP {exc.code} {exc.reason}; download it by hand into a mirror directory") from None
             last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             if attempt < retries:
-                time.sleep(backoff * (attempt + 1))
+                time.sleep(BACKOFF_S * (attempt + 1))
     raise DataError(f"{url}: download failed after {retries + 1} attempts ({last_error}); "
                     f"{tmp} keeps what arrived and the next run resumes it")
 

@@ -172,6 +172,7 @@ class EncodeTask:
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
+_ENCODE_CHUNK = 10_000  # pairs per encode_batch call
 
 
 def init_encoder(tokenizers: dict[str, Tokenizer]) -> None:
@@ -183,7 +184,12 @@ def init_encoder(tokenizers: dict[str, Tokenizer]) -> None:
 
 
 def encode_shard(task: EncodeTask) -> dict[str, Any]:
-    """Encode one cleaned shard, drop empty and over-long pairs, write its token arrays."""
+    """Encode one cleaned shard, drop empty and over-long pairs, write its token arrays.
+
+    Encodes ``_ENCODE_CHUNK`` pairs at a time: sentencepiece returns Python lists of
+    ints, about 60 bytes a token, so a whole shard at once would need hundreds of MB
+    per worker process.
+    """
     src_lang, tgt_lang = task.langs
     src = read_text_lines(Path(task.clean_dir) / f"{task.name}.{src_lang}")
     tgt = read_text_lines(Path(task.clean_dir) / f"{task.name}.{tgt_lang}")
@@ -198,26 +204,33 @@ def encode_shard(task: EncodeTask) -> dict[str, Any]:
     # sentencepiece a good part of its work, the costliest step of prepare.
     short = [i for i, (s, t) in enumerate(zip(src, tgt)) if len(s.split()) <= task.max_len >= len(t.split())]
     counts["too_long"] = len(src) - len(short)
-    src_ids = _TOKENIZERS[src_lang].encode_batch([src[i] for i in short])
-    tgt_ids = _TOKENIZERS[tgt_lang].encode_batch([tgt[i] for i in short])
-    keep_src, keep_tgt = [], []
-    for s, t in zip(src_ids, tgt_ids):
-        # A side made only of characters the normalizer removes encodes to nothing.
-        if not s or not t:
-            counts["empty"] += 1
-        elif len(s) > task.max_len or len(t) > task.max_len:
-            counts["too_long"] += 1
-        else:
-            keep_src.append(s)
-            keep_tgt.append(t)
-    tokens = {}
     out = Path(task.out_dir)
-    for lang, seqs in ((src_lang, keep_src), (tgt_lang, keep_tgt)):
-        with TokenArrayWriter(out / f"{task.name}.{lang}") as writer:
-            writer.append_many(seqs)
-            writer.close()
-        tokens[lang] = sum(len(s) for s in seqs)
-    result = {"kept": len(keep_src), "counts": counts, "tokens": tokens}
+    kept = 0
+    tokens = {src_lang: 0, tgt_lang: 0}
+    with TokenArrayWriter(out / f"{task.name}.{src_lang}") as src_out, \
+            TokenArrayWriter(out / f"{task.name}.{tgt_lang}") as tgt_out:
+        for start in range(0, len(short), _ENCODE_CHUNK):
+            chunk = short[start:start + _ENCODE_CHUNK]
+            src_ids = _TOKENIZERS[src_lang].encode_batch([src[i] for i in chunk])
+            tgt_ids = _TOKENIZERS[tgt_lang].encode_batch([tgt[i] for i in chunk])
+            keep_src, keep_tgt = [], []
+            for s, t in zip(src_ids, tgt_ids):
+                # A side made only of characters the normalizer removes encodes to nothing.
+                if not s or not t:
+                    counts["empty"] += 1
+                elif len(s) > task.max_len or len(t) > task.max_len:
+                    counts["too_long"] += 1
+                else:
+                    keep_src.append(s)
+                    keep_tgt.append(t)
+                    tokens[src_lang] += len(s)
+                    tokens[tgt_lang] += len(t)
+            src_out.append_many(keep_src)
+            tgt_out.append_many(keep_tgt)
+            kept += len(keep_src)
+        src_out.close()
+        tgt_out.close()
+    result = {"kept": kept, "counts": counts, "tokens": tokens}
     write_stamp(Path(task.stamp_dir) / f"{task.name}.json", task.key, **result)
     return {"name": task.name, **result}
 
