@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 SHARED = REPO.parent / "shared" / "data" / "wmt14-en-fr"
-# A model small enough for a 40-step run in well under a minute on 2 busy cores.
+# A model small enough for a 30-step run in well under a minute on 2 busy cores.
 TINY = [
     "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
     "data.max_len=30", "data.max_tokens=600", "data.vocab_size=800",
@@ -121,20 +121,20 @@ def test_submit_quickstart_then_logs(head: Head, tiny_prepared: Path, tmp_path: 
     started = time.time()
     submit = _run(
         [str(LAUNCH / "submit.sh"), "--env", "DISTNMT_TEST_SECRET", "--id", "dnt-job-1", "configs/quickstart.yaml",
-         *_sets(TINY + ["train.max_steps=40", "train.checkpoint_every=20",
+         *_sets(TINY + ["train.max_steps=30", "train.checkpoint_every=15",
                         f"data.prepared_dir={tiny_prepared}", f"train.storage_path={storage}", "train.name=job"])],
         env, 240,
     )
     output = submit.stdout + submit.stderr
     assert submit.returncode == 0, output[-4000:]
     assert "Job 'dnt-job-1' succeeded" in output
-    assert "newstest2013 checkpoint_00000040: BLEU|nrefs:1|" in output  # the driver's closing line
+    assert "newstest2013 checkpoint_00000030: BLEU|nrefs:1|" in output  # the driver's closing line
     print(f"submit to success: {time.time() - started:.1f} s")
 
     # Checkpoints and the evaluator's scores, in the run directory the job was told.
     run_dir = storage / "job"
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert checkpoints == ["checkpoint_00000020", "checkpoint_00000040"]
+    assert checkpoints == ["checkpoint_00000015", "checkpoint_00000030"]
     scores = [json.loads(line) for line in (run_dir / "eval" / "dev.jsonl").read_text().splitlines()]
     assert sorted(r["checkpoint"] for r in scores) == checkpoints
     assert all(0.0 <= r["bleu"] <= 100.0 for r in scores)
@@ -156,7 +156,7 @@ def test_submit_quickstart_then_logs(head: Head, tiny_prepared: Path, tmp_path: 
     # launch/logs.sh replays the finished job and exits 0 for SUCCEEDED.
     logs = _run([str(LAUNCH / "logs.sh"), "dnt-job-1"], env, 60)
     assert logs.returncode == 0, logs.stderr[-2000:]
-    assert "checkpoint_00000040: BLEU|" in logs.stdout and "SUCCEEDED" in logs.stderr
+    assert "checkpoint_00000030: BLEU|" in logs.stdout and "SUCCEEDED" in logs.stderr
 
 
 def test_stop_a_running_job(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
@@ -180,3 +180,36 @@ def test_stop_a_running_job(head: Head, tiny_prepared: Path, tmp_path: Path) -> 
     assert status() == "STOPPED"
     # logs.sh says so with a non-zero exit.
     assert _run([str(LAUNCH / "logs.sh"), "dnt-job-2"], head.env, 60).returncode != 0
+
+
+def test_cluster_job_entrypoint_prepares_to_shared_storage_then_trains(head: Head, tmp_path: Path) -> None:
+    """The KubeRay RayJob's entrypoint (launch/cluster-job.sh), sent with the plain ray
+    CLI as a user would after `eval "$(launch/ray-env.sh)"`."""
+    shared = tmp_path / "shared"
+    (shared / "data").mkdir(parents=True)
+    (shared / "data" / "wmt14-en-fr").symlink_to(SHARED)  # raw data "copied" to shared storage
+    exports = _run([str(LAUNCH / "ray-env.sh")], head.env, 60)
+    assert exports.returncode == 0, exports.stderr
+    env = dict(head.env)
+    for line in exports.stdout.splitlines():
+        name, value = line.removeprefix("export ").split("=", 1)
+        env[name] = value
+    runtime_env = {"env_vars": {"DISTNMT_SHARED": str(shared), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},
+                   "excludes": ["/.git", "/.venv", "/prepared", "/runs"]}
+    ray_cli = str(Path(PYTHON).parent / "ray") if PYTHON != "python3" else "ray"
+    job = _run(
+        [ray_cli, "job", "submit", "--submission-id", "dnt-job-3", "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "bash", "launch/cluster-job.sh", "configs/quickstart.yaml",
+         *_sets(TINY + ["data.max_train_pairs=3000", "train.max_steps=20", "train.checkpoint_every=20",
+                        "train.name=cj"])],
+        env, 300,
+    )
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-4000:]
+    assert "Job 'dnt-job-3' succeeded" in output
+    assert (shared / "prepared" / "quickstart" / "manifest.json").is_file()
+    run_dir = shared / "runs" / "cj"
+    assert (run_dir / "checkpoint_00000020").is_dir()
+    assert [json.loads(line)["checkpoint"] for line in (run_dir / "eval" / "dev.jsonl").read_text().splitlines()] \
+        == ["checkpoint_00000020"]
