@@ -52,8 +52,15 @@ def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path: Path) -> No
 
     common = ["train.checkpoint_every=8", "eval.max_sentences=5", "model.dropout=0.1"]
     run_training(tiny_config(tmp_path, "straight", "train.max_steps=16", *common))
-    run_training(tiny_config(tmp_path, "stopped", "train.max_steps=8", *common))
-    run_training(tiny_config(tmp_path, "stopped", "train.max_steps=16", *common))
+    # The interrupted run also logs to W&B (offline): the resumed part continues the same W&B run.
+    logged = [*common, "logging.wandb=offline"]
+    run_training(tiny_config(tmp_path, "stopped", "train.max_steps=8", *logged))
+    run_training(tiny_config(tmp_path, "stopped", "train.max_steps=16", *logged))
+    # (The evaluator logs to W&B runs of its own, "<name>-eval-..."; these are training's.)
+    wandb_runs = sorted(p for p in (tmp_path / "stopped/wandb").glob("offline-run-*") if "-eval-" not in p.name)
+    assert len(wandb_runs) == 2
+    assert len({p.name.rsplit("-", 1)[-1] for p in wandb_runs}) == 1, wandb_runs  # one run id
+    assert load_checkpoint(tmp_path / "stopped/checkpoint_00000016").meta["wandb_run_id"] == wandb_runs[0].name.rsplit("-", 1)[-1]
 
     a = load_checkpoint(tmp_path / "straight/checkpoint_00000016").state
     b = load_checkpoint(tmp_path / "stopped/checkpoint_00000016").state
