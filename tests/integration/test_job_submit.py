@@ -1,9 +1,10 @@
 """`ray job submit` end to end, through the launch/ scripts a user runs: a real Ray
-head on free ports (dashboard on 127.0.0.1, token auth), the quickstart config
-submitted with a tiny model, checkpoints and evaluator scores found in the run
-directory, a secret passed through without touching disk, then a second job
-stopped while it runs. The head is stopped by process id in the fixture's
-teardown, and the test checks that none of its processes is left."""
+head on free ports (dashboard on 127.0.0.1, token auth); the quickstart config
+submitted with a tiny model, its checkpoints and evaluator scores found in the run
+directory, a secret passed through without touching disk; a second job stopped
+while it runs; the RayJob entrypoint through the plain ray CLI; logs.sh. The head
+is stopped by process id in the fixture's teardown, and the test checks that none
+of its processes is left."""
 
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def head() -> Iterator[Head]:
         assert left == [], f"processes of the test's Ray cluster still alive: {left}"
 
 
-def test_submit_quickstart_then_logs(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
+def test_submit_quickstart(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
     state, env = head.state, head.env
     secret = "dnt-" + secrets.token_hex(12)
     env = {**env, "DISTNMT_TEST_SECRET": secret}
@@ -153,10 +154,6 @@ def test_submit_quickstart_then_logs(head: Head, tiny_prepared: Path, tmp_path: 
     leaks = subprocess.run(["grep", "-rl", secret, str(state), str(storage)], capture_output=True, text=True)
     assert leaks.stdout == "", f"secret written to disk: {leaks.stdout}"
 
-    # launch/logs.sh replays the finished job and exits 0 for SUCCEEDED.
-    logs = _run([str(LAUNCH / "logs.sh"), "dnt-job-1"], env, 60)
-    assert logs.returncode == 0, logs.stderr[-2000:]
-    assert "checkpoint_00000030: BLEU|" in logs.stdout and "SUCCEEDED" in logs.stderr
 
 
 def test_stop_a_running_job(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
@@ -213,3 +210,8 @@ def test_cluster_job_entrypoint_prepares_to_shared_storage_then_trains(head: Hea
     assert (run_dir / "checkpoint_00000020").is_dir()
     assert [json.loads(line)["checkpoint"] for line in (run_dir / "eval" / "dev.jsonl").read_text().splitlines()] \
         == ["checkpoint_00000020"]
+
+    # launch/logs.sh replays a finished job and exits 0 for SUCCEEDED.
+    logs = _run([str(LAUNCH / "logs.sh"), "dnt-job-3"], head.env, 60)
+    assert logs.returncode == 0, logs.stderr[-2000:]
+    assert "checkpoint_00000020: BLEU|" in logs.stdout and "SUCCEEDED" in logs.stderr
