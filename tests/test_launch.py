@@ -82,16 +82,17 @@ def test_runtime_env_passes_named_variables_and_leaves_out_big_folders(monkeypat
 
 
 def test_job_paths_absolute_for_a_local_head_required_for_a_remote_one(tmp_path: Path) -> None:
-    config = REPO / "configs" / "quickstart.yaml"
-    local = localray.job_paths(str(config), ["--set", "train.storage_path=/abs/runs"], tmp_path, local=True)
-    assert local == [f"data.prepared_dir={(tmp_path / 'prepared/quickstart').resolve()}"]
-    prepare = localray.job_paths(str(config), [], tmp_path, local=True, command="prepare")
-    assert [item.split("=")[0] for item in prepare] == ["data.source_dir", "data.prepared_dir"]
-    ok = localray.job_paths(str(config), ["--set", "data.prepared_dir=/mnt/p", "--set", "train.storage_path=/mnt/r"],
+    config = str(REPO / "configs" / "quickstart.yaml")
+    relative = ["--set", "data.source_dir=src", "--set", "data.prepared_dir=p", "--set", "train.storage_path=r"]
+    local = localray.job_paths(config, relative + ["--set", "train.storage_path=/abs/runs"], tmp_path, local=True)
+    assert local == [f"data.prepared_dir={tmp_path / 'p'}"]
+    prepare = localray.job_paths(config, relative, tmp_path, local=True, command="prepare")
+    assert prepare == [f"data.source_dir={tmp_path / 'src'}", f"data.prepared_dir={tmp_path / 'p'}"]
+    ok = localray.job_paths(config, ["--set", "data.prepared_dir=/mnt/p", "--set", "train.storage_path=/mnt/r"],
                             tmp_path, local=False)
     assert ok == []
     with pytest.raises(SystemExit) as err:
-        localray.job_paths(str(config), [], tmp_path, local=False)
+        localray.job_paths(config, relative, tmp_path, local=False)
     assert err.value.code == 2
 
 
@@ -143,7 +144,7 @@ def test_submit_without_a_cluster_says_how_to_start_one(tmp_path: Path) -> None:
 def test_submit_to_a_remote_cluster_rejects_relative_paths_before_submitting(tmp_path: Path) -> None:
     # Port 9 (discard): nothing is contacted, the path check fails first.
     out = _script([str(LAUNCH / "submit.sh"), "--address", "http://127.0.0.1:9", "configs/quickstart.yaml",
-                   "--set", "data.prepared_dir=/mnt/shared/prepared"], tmp_path)
+                   "--set", "data.prepared_dir=/mnt/shared/prepared", "--set", "train.storage_path=runs"], tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         "[launch] error: train.storage_path='runs' is relative; on a cluster it must be on shared storage, "
