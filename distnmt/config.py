@@ -80,6 +80,7 @@ class ModelConfig:
     gru: Literal["cudnn", "paper"] = "cudnn"
     dropout: float = 0.0
     init: Literal["paper", "torch"] = "paper"
+    tie_embeddings: bool = False  # output layer shares the target embedding (not in the paper)
 
 
 @dataclass

@@ -6,17 +6,33 @@ All models are tiny (vocab 30, embeddings 8, hidden 16) so the file runs in seco
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distnmt.config import load_config
+from distnmt.data import read_lines
 from distnmt.model import PaperGRUCell, RNNSearch, beam_search, greedy_search
+from distnmt.model.build import build_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 PAD, BOS, EOS = 0, 1, 2
 V = 30
 TINY = dict(embed_size=8, hidden_size=16, align_size=12, maxout_size=10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy machine its
+    OpenMP spin-waits made the overfit test 20x slower (85 s instead of 4 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_model(seed: int = 0, **kwargs) -> RNNSearch:
@@ -112,18 +128,36 @@ def test_encoder_output_shapes_and_index_select() -> None:
     assert torch.equal(picked.mask[0], enc.mask[1]) and picked.keys.shape == (3, 5, 12)
 
 
-def test_overfit_a_few_sentences() -> None:
+# Short real pairs of newstest2013 (1-based line numbers), word-level: small enough to
+# overfit in seconds, real enough to have repeated words ("The", "de") and punctuation.
+OVERFIT_LINES = (73, 104, 123, 158)
+
+
+def word_ids(sentences: list[str], first_id: int = 3) -> list[list[int]]:
+    """Whitespace tokens -> ids from ``first_id`` (0-2 are PAD, BOS, EOS), in order of appearance."""
+    vocab: dict[str, int] = {}
+    return [[vocab.setdefault(w, first_id + len(vocab)) for w in s.split()] for s in sentences]
+
+
+def test_overfit_a_few_real_pairs(shared_data: Path) -> None:
+    en = read_lines(shared_data / "dev/newstest2013.en")
+    fr = read_lines(shared_data / "dev/newstest2013.fr")
+    sources = word_ids([en[n - 1] for n in OVERFIT_LINES])
+    targets = word_ids([fr[n - 1] for n in OVERFIT_LINES])
+    assert fr[103] == "Le boson de Higgs décortiqué"
+    assert targets[1][0] == targets[3][0]  # "Le", shared by two sentences
+    v_src = max(max(s) for s in sources) + 1
+    v_tgt = max(max(t) for t in targets) + 1
     torch.manual_seed(0)
-    model = RNNSearch(V, V, embed_size=16, hidden_size=32, align_size=16, maxout_size=16)
-    src, src_len = padded([[3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14], [15, 16]])
-    targets = [[20, 21, 22], [23, 24, 25, 26], [27, 28], [29, 20, 23, 21]]
+    model = RNNSearch(v_src, v_tgt, embed_size=16, hidden_size=32, align_size=16, maxout_size=16)
+    src, src_len = padded(sources)
     tgt_in, _ = padded([[BOS] + t for t in targets])
     tgt_out, _ = padded([t + [EOS] for t in targets])
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     model.train()
     for _ in range(150):
         logits = model(src, src_len, tgt_in)
-        loss = F.cross_entropy(logits.reshape(-1, V), tgt_out.reshape(-1), ignore_index=PAD)
+        loss = F.cross_entropy(logits.reshape(-1, v_tgt), tgt_out.reshape(-1), ignore_index=PAD)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -131,6 +165,19 @@ def test_overfit_a_few_sentences() -> None:
     model.eval()
     assert greedy_search(model, src, src_len, BOS, EOS) == targets
     assert beam_search(model, src, src_len, BOS, EOS, beam_size=3) == targets
+
+
+def test_keys_are_computed_once_per_batch() -> None:
+    """U_a h_j runs once per batch (in encode), W_a s_{i-1} once per step."""
+    model = tiny_model()
+    calls = {"key_proj": 0, "query_proj": 0}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    src, src_len = random_batch(8, [5, 3])
+    model(src, src_len, torch.tensor([[BOS, 5, 6, 7], [BOS, 8, 9, PAD]]))
+    assert calls == {"key_proj": 1, "query_proj": 4}
+    beam_search(model, src, src_len, BOS, EOS, beam_size=3, max_len_a=0, max_len_b=6)
+    assert calls["key_proj"] == 2  # one more batch: one more call, whatever the steps and beams
 
 
 # ------------------------------------------------------------ configuration
@@ -155,6 +202,11 @@ def expected_param_count(
     return n
 
 
+def tied_param_count(untied: int, vt: int, e: int, m: int) -> int:
+    """Tied: W_o's matrix is E (only its bias is new), plus the maxout->embed projection."""
+    return untied - m * vt + (m * e if m != e else 0)
+
+
 @pytest.mark.parametrize("gru", ["cudnn", "paper"])
 @pytest.mark.parametrize("attention", [True, False])
 def test_paper_config_parameter_count_and_shapes(gru: str, attention: bool) -> None:
@@ -173,6 +225,32 @@ def test_paper_config_parameter_count_and_shapes(gru: str, attention: bool) -> N
         assert shapes["energy.weight"] == (1, 1000)
     if gru == "paper":
         assert shapes["cell.candidate_proj.weight"] == (1000, 1000)
+
+
+PAPER_CONFIGS = {
+    "rnnsearch-50.yaml": ("rnnsearch", 50),
+    "rnnsearch-30.yaml": ("rnnsearch", 30),
+    "rnnencdec-50.yaml": ("rnnencdec", 50),
+    "rnnencdec-30.yaml": ("rnnencdec", 30),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_configs_build_the_paper_models(name: str) -> None:
+    cfg = load_config(REPO / "configs" / name)
+    arch, words = PAPER_CONFIGS[name]
+    m = cfg.model
+    assert (m.arch, cfg.data.max_words, cfg.data.vocab_size) == (arch, words, 30000)
+    assert (m.embed_size, m.hidden_size, m.align_size, m.maxout_size) == (620, 1000, 1000, 500)
+    assert (m.init, m.dropout, m.tie_embeddings) == ("paper", 0.0, False)  # the paper's, no extras
+    assert (cfg.optim.name, cfg.optim.eps, cfg.optim.rho, cfg.optim.clip_norm) == ("adadelta", 1e-6, 0.95, 1.0)
+    assert cfg.data.max_sentences == 80  # the paper's minibatch
+    with torch.device("meta"):
+        model = build_model(m, 30000, 30000)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == expected_param_count(30000, 30000, 620, 1000, 1000, 500, arch == "rnnsearch", m.gru)
+    if name == "rnnsearch-50.yaml":
+        assert m.gru == "paper" and n == 80_449_000  # the figure docs/MODEL.md gives
 
 
 def test_rnnencdec_has_no_attention_parameters() -> None:
@@ -203,6 +281,30 @@ def test_paper_init() -> None:
     assert torch.all(model.tgt_embed.weight[PAD] == 0)
 
 
+@pytest.mark.parametrize("maxout", [8, 10])  # 8 = embed_size: no projection needed
+def test_tied_embeddings_share_the_target_embedding(maxout: int) -> None:
+    untied = tiny_model(maxout_size=maxout)
+    tied = tiny_model(maxout_size=maxout, tie_embeddings=True)
+    assert tied.output.weight is tied.tgt_embed.weight
+    assert (tied.output_proj is None) == (maxout == 8)
+    n_untied = sum(p.numel() for p in untied.parameters())
+    n_tied = sum(p.numel() for p in tied.parameters())
+    assert n_tied == tied_param_count(n_untied, V, 8, maxout)
+    # The paper init does not leave the shared matrix at the output layer's 0.01 twice
+    # over, and the padding row is zero where it is shared too.
+    assert torch.all(tied.output.weight[PAD] == 0)
+    src, src_len = random_batch(9, [5, 3])
+    tgt = torch.tensor([[BOS, 5, 6], [BOS, 7, PAD]])
+    logits = tied(src, src_len, tgt)
+    assert logits.shape == (2, 3, V)
+    logits[0, 1, 4].backward()
+    # The shared matrix gets gradient from the output layer (row 4) and the input (row 5).
+    grad = tied.tgt_embed.weight.grad
+    assert grad is not None and grad[4].abs().sum() > 0 and grad[5].abs().sum() > 0
+    # Decoding works the same way.
+    assert len(greedy_search(tied.eval(), src, src_len, BOS, EOS, 0, 3)) == 2
+
+
 def test_bad_options_are_rejected() -> None:
     with pytest.raises(ValueError, match="model.gru"):
         RNNSearch(V, V, **TINY, gru="lstm")
@@ -221,6 +323,21 @@ def test_bf16_autocast_forward_returns_float32() -> None:
     torch.testing.assert_close(logits, ref, atol=0.1, rtol=0.1)
     logits.sum().backward()  # the backward pass works too
     assert model.output.weight.grad is not None
+
+
+@pytest.mark.parametrize("gru", ["cudnn", "paper"])
+def test_bf16_autocast_decoding_keeps_fp32_probabilities_and_state(gru: str) -> None:
+    model = tiny_model(init="torch", gru=gru)
+    src, src_len = random_batch(6, [5, 3])
+    with torch.inference_mode(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        enc = model.encode(src, src_len)
+        assert enc.annotations.dtype == torch.bfloat16  # cast once for every step's bmm
+        log_probs, state, weights = model.decode_step(enc, torch.tensor([BOS, BOS]), enc.init_state)
+        hyps = beam_search(model, src, src_len, BOS, EOS, beam_size=2, max_len_a=0, max_len_b=4)
+    assert log_probs.dtype == state.dtype == weights.dtype == torch.float32
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    assert len(hyps) == 2
 
 
 # ---------------------------------------------------------------- GRU cells

@@ -20,4 +20,5 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_
         dropout=cfg.dropout,
         pad_id=pad_id,
         init=cfg.init,
+        tie_embeddings=cfg.tie_embeddings,
     )

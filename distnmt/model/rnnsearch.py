@@ -21,6 +21,7 @@ Nothing here imports Ray or torch.distributed: the model is plain PyTorch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,10 @@ class RNNSearch(nn.Module):
         dropout: applied to the embeddings and to the maxout output (paper: none).
         pad_id: padding id of both vocabularies.
         init: "paper" (appendix B.1) or "torch" (PyTorch defaults).
+        tie_embeddings: the output layer W_o reuses the target embedding matrix E
+            (paper: separate). W_o reads the maxout output (``maxout_size`` wide) and
+            E has ``embed_size`` columns, so when the two differ a bias-free
+            projection ``output_proj`` (maxout_size -> embed_size) is inserted.
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class RNNSearch(nn.Module):
         dropout: float = 0.0,
         pad_id: int = 0,
         init: str = "paper",
+        tie_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if gru not in GRU_VARIANTS:
@@ -141,6 +147,7 @@ class RNNSearch(nn.Module):
         self.attention = attention
         self.gru = gru
         self.pad_id = pad_id
+        self.tie_embeddings = tie_embeddings
         ctx_size = 2 * hidden_size  # an annotation, or the encdec fixed context
 
         self.src_embed = nn.Embedding(src_vocab_size, embed_size, padding_idx=pad_id)
@@ -161,7 +168,16 @@ class RNNSearch(nn.Module):
 
         # [U_o, V_o, C_o] as one matrix over [s_{i-1}; E y_{i-1}; c_i]: one matmul for all T.
         self.pre_output = nn.Linear(hidden_size + embed_size + ctx_size, 2 * maxout_size)
-        self.output = nn.Linear(maxout_size, tgt_vocab_size)  # W_o
+        # W_o. Tied, it is E itself ([V, embed_size]); the projection bridges the sizes.
+        self.output_proj: nn.Linear | None = None
+        if tie_embeddings and maxout_size != embed_size:
+            self.output_proj = nn.Linear(maxout_size, embed_size, bias=False)
+        self.output = nn.Linear(embed_size if tie_embeddings else maxout_size, tgt_vocab_size)
+        if tie_embeddings:
+            self.output.weight = self.tgt_embed.weight
+        # Set by compile_decoder_step(); None runs _recurrence_step eagerly. Not a bound
+        # method stored on self: that would make every model a reference cycle.
+        self._compiled_step: Callable[..., tuple[Tensor, Tensor]] | None = None
 
         if init == "paper":
             self._init_paper()
@@ -219,11 +235,20 @@ class RNNSearch(nn.Module):
         # matmuls still run in bf16/fp16, but 50+ recurrent updates do not pile up rounding.
         init_state = torch.tanh(self.init_proj(bwd_first)).to(self.init_proj.weight.dtype)
         if self.attention:
+            # Under autocast every decoder step multiplies the annotations (bmm, in the
+            # autocast dtype): cast them once here instead of once per step.
+            annotations = annotations.to(self._compute_dtype(src.device))
             return EncoderOutput(annotations, self.key_proj(annotations), mask, init_state)
         context = torch.cat([fwd_last, bwd_first], dim=-1)
         return EncoderOutput(annotations, None, mask, init_state, context)
 
     # --------------------------------------------------------------- decoder
+
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype matmuls run in: autocast's inside an autocast region, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.init_proj.weight.dtype
 
     def init_decoder_state(self, enc: EncoderOutput) -> Tensor:
         """s_0 [B, H] (already computed by :meth:`encode`)."""
@@ -248,17 +273,21 @@ class RNNSearch(nn.Module):
 
     def _cell_step(self, emb: Tensor, context: Tensor, state: Tensor) -> Tensor:
         """s_i = GRU([E y_{i-1}; c_i], s_{i-1})."""
-        # Under autocast the pieces can differ in dtype; the cell wants one, and its
-        # output is brought back to the state's dtype (see :meth:`encode`).
-        x = torch.cat([emb.to(state.dtype), context.to(state.dtype)], dim=-1)
+        # The cell's input is only ever multiplied, so it is built in the compute dtype
+        # (no per-step fp32 round trip under autocast); the output comes back in the
+        # state's dtype (see :meth:`encode`).
+        dtype = self._compute_dtype(state.device)
+        x = torch.cat([emb.to(dtype), context.to(dtype)], dim=-1)
         return self.cell(x, state).to(state.dtype)
 
     def _logits(self, state: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         """Deep output for any leading shape: [..., H], [..., E], [..., 2H] -> [..., V]."""
-        dtype = state.dtype
-        pre = self.pre_output(torch.cat([state, emb.to(dtype), context.to(dtype)], dim=-1))
-        t = pre.unflatten(-1, (self.maxout_size, 2)).amax(dim=-1)  # maxout, pool of 2
-        return self.output(self.dropout(t))
+        dtype = self._compute_dtype(state.device)
+        pre = self.pre_output(torch.cat([state.to(dtype), emb.to(dtype), context.to(dtype)], dim=-1))
+        t = self.dropout(pre.unflatten(-1, (self.maxout_size, 2)).amax(dim=-1))  # maxout, pool of 2
+        if self.output_proj is not None:
+            t = self.output_proj(t)
+        return self.output(t)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: logits [B, T, V_tgt] (fp32) for ``tgt_in`` [B, T] (starts with BOS).
@@ -267,17 +296,34 @@ class RNNSearch(nn.Module):
         back, so it runs once for all T steps (the biggest matmul, [B*T, M] x [M, V]).
         """
         enc = self.encode(src, src_lengths)
-        emb = self.dropout(self.tgt_embed(tgt_in))  # [B, T, E]
+        # Cast once for all T steps; the embedding itself is an fp32 lookup.
+        emb = self.dropout(self.tgt_embed(tgt_in)).to(self._compute_dtype(src.device))  # [B, T, E]
         state = self.init_decoder_state(enc)
         states, contexts = [], []
-        for i in range(tgt_in.size(1)):
-            context, _ = self.attend(state, enc)
+        # unbind, not emb[:, i]: the backward of T selects would write T zero-filled
+        # [B, T, E] gradients; unbind's backward is one stack.
+        step = self._compiled_step or self._recurrence_step
+        for emb_i in emb.unbind(1):
             states.append(state)
+            context, state = step(emb_i, state, enc)
             contexts.append(context)
-            state = self._cell_step(emb[:, i], context, state)
         prev_states = torch.stack(states, dim=1)  # s_{i-1}: [B, T, H]
         all_contexts = torch.stack(contexts, dim=1)  # c_i: [B, T, 2H]
         return self._logits(prev_states, emb, all_contexts).float()
+
+    def _recurrence_step(self, emb: Tensor, state: Tensor, enc: EncoderOutput) -> tuple[Tensor, Tensor]:
+        """c_i and s_i from E y_{i-1} and s_{i-1}: the part of a step that feeds back."""
+        context, _ = self.attend(state, enc)
+        return context, self._cell_step(emb, context, state)
+
+    def compile_decoder_step(self, **compile_kwargs: object) -> None:
+        """Run the teacher-forcing recurrence step through ``torch.compile``.
+
+        Kept for measurement only (``distnmt bench model --compile``): on CPU it
+        gained at most a few percent for 1.5-2.5 minutes of compiling, and
+        ``dynamic=True`` fails in torch 2.13 (see docs/MODEL.md). Not a config option.
+        """
+        self._compiled_step = torch.compile(self._recurrence_step, **compile_kwargs)
 
     def decode_step(
         self, enc: EncoderOutput, prev_tokens: Tensor, state: Tensor
