@@ -8,6 +8,7 @@ the RAY_ADDRESS variable that ``ray job submit`` sets).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from distnmt.config import Config
+from distnmt.config import Config, ConfigError
 from distnmt.data.prepare import load_manifest
 from distnmt.evaluate.evaluator import Evaluator, score_with_evaluator
 from distnmt.train.loop import train_loop_per_worker
@@ -36,12 +37,15 @@ def resolve_paths(cfg: Config) -> Config:
     """Make every path absolute: Ray workers do not share the driver's cwd."""
     data = dataclasses.replace(
         cfg.data,
-        source_dir=str(Path(cfg.data.source_dir).resolve()),
+        source_dir=str(Path(cfg.data.source_dir).resolve()) if cfg.data.source_dir else None,
         prepared_dir=str(Path(cfg.data.prepared_dir).resolve()),
     )
     storage = cfg.train.storage_path
-    if "://" not in storage:  # s3://, gs://... are left to Ray's storage layer
-        storage = str(Path(storage).resolve())
+    if "://" in storage:
+        # The evaluator and rank 0 write scores, figures and metrics into the run
+        # directory as files; a mounted shared filesystem is what works today.
+        raise ConfigError(f"train.storage_path: {storage!r}: use a shared mount (NFS, EFS, Filestore), not a URI")
+    storage = str(Path(storage).resolve())
     train = dataclasses.replace(cfg.train, storage_path=storage)
     return dataclasses.replace(cfg, data=data, train=train)
 
@@ -62,7 +66,10 @@ def init_ray(cfg: Config) -> bool:
 
 def start_evaluator(cfg: Config, run_dir: Path) -> tuple[Any, str]:
     """The evaluator actor, with its own resources, restarted by Ray if it dies."""
-    name = f"distnmt-evaluator-{cfg.train.name}"
+    # The run directory in the name: two runs called alike in different storage
+    # paths can share a cluster without sharing an evaluator.
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]
+    name = f"distnmt-evaluator-{cfg.train.name}-{digest}"
     resources: dict[str, Any] = {"num_cpus": cfg.eval.num_cpus}
     actor = (
         ray.remote(Evaluator)

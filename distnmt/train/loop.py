@@ -214,13 +214,11 @@ def _resume_source(reported: Optional[ray.train.Checkpoint], cfg: Config, run_di
 
     Ray registers a reported checkpoint when its controller next polls (every 2 s
     by default): a worker that dies just after reporting can leave Ray resuming
-    from an older checkpoint, or from none, although a newer one is on disk. On
-    local or mounted storage the run directory is therefore scanned too, and a
-    corrupt or incomplete checkpoint is skipped with a warning. Rank 0 decides and
+    from an older checkpoint, or from none, although a newer one is on disk. The
+    run directory (local or a shared mount; the driver refuses URIs) is therefore
+    scanned too, and a corrupt or incomplete checkpoint is skipped with a warning. Rank 0 decides and
     tells the others, so every rank loads the same one.
     """
-    if "://" in cfg.train.storage_path:  # cloud storage: Ray's registry is all we have
-        return reported
     choice: list[Optional[str]] = [None]
     if rank == 0:
         newest = newest_valid_checkpoint(run_dir)
