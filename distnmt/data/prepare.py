@@ -41,10 +41,9 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -60,11 +59,11 @@ from distnmt.data.sgml import read_sgml_parallel
 from distnmt.data.shards import TokenArrayWriter, ids_path, index_path, offsets_path, write_shard_index
 from distnmt.data.sources import REGISTRY, Registry
 from distnmt.data.stages import (
-    CleanTask, EncodeTask, SampleTask, Workers, clean_shard, default_workers, encode_shard, init_encoder,
-    make_key, read_stamp, read_text_lines, sample_keys, sample_shard, write_stamp,
+    CleanTask, EncodeTask, SampleTask, SpmTask, Workers, clean_shard, default_workers, encode_shard, in_child,
+    init_encoder, make_key, read_stamp, sample_keys, sample_shard, train_models, write_stamp,
 )
 from distnmt.data.stream import SourceDigest, iter_parallel_blocks
-from distnmt.data.tokenizer import Tokenizer, train_sentencepiece
+from distnmt.data.tokenizer import Tokenizer
 
 MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -366,26 +365,16 @@ def _spm_stage(
         tokenizers = {lang: Tokenizer(path) for lang, path in models.items()}
         if all(tok.sha256 == stamp["sha256"][lang] for lang, tok in tokenizers.items()):
             return tokenizers
-    sample_dir = run.work / "sample"
-
-    def lines(*langs: str) -> Iterator[str]:
-        for lang in langs:
-            for s in shards:
-                yield from read_text_lines(sample_dir / f"{s.name}.{lang}")
-
-    common = dict(vocab_size=vocab_size, model_type=model_type, seed=run.seed, input_sentence_size=0)
     if joint:
         run.say(f"training one joint sentencepiece {model_type} model for '{src_lang}'+'{tgt_lang}' (vocab {vocab_size})")
-        model = train_sentencepiece(lines(src_lang, tgt_lang), run.work / "spm.joint", **common)  # type: ignore[arg-type]
-        for lang in run.langs:
-            for ext in (".model", ".vocab"):
-                tmp = run.out_dir / f"spm.{lang}{ext}.tmp"
-                shutil.copyfile(model.with_suffix(ext), tmp)
-                os.replace(tmp, run.out_dir / f"spm.{lang}{ext}")
     else:
-        for lang in run.langs:
-            run.say(f"training sentencepiece {model_type} model for '{lang}' (vocab {vocab_size})")
-            train_sentencepiece(lines(lang), run.out_dir / f"spm.{lang}", **common)  # type: ignore[arg-type]
+        run.say(f"training sentencepiece {model_type} models for '{src_lang}' and '{tgt_lang}' (vocab {vocab_size})")
+    task = SpmTask(str(run.work / "sample"), [s.name for s in shards], run.langs, str(run.out_dir), str(run.work),
+                   vocab_size, model_type, joint, run.seed)
+    # In a child process: the trainer holds the whole sample, and memory it frees
+    # is not handed back to the OS; kept in this process, every encode worker
+    # forked later would start with it.
+    in_child(train_models, task)
     tokenizers = {lang: Tokenizer(path) for lang, path in models.items()}
     write_stamp(run.work / "spm.json", key, sha256={lang: tok.sha256 for lang, tok in tokenizers.items()})
     return tokenizers

@@ -15,8 +15,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +27,7 @@ import numpy as np
 from distnmt.data.clean import CleanRules, clean_block, pair_hashes
 from distnmt.data.shards import TokenArrayWriter
 from distnmt.data.stream import decode_block
-from distnmt.data.tokenizer import Tokenizer
+from distnmt.data.tokenizer import Tokenizer, train_sentencepiece
 
 # ---------------------------------------------------------------------------- keys and stamps
 
@@ -235,6 +236,43 @@ def encode_shard(task: EncodeTask) -> dict[str, Any]:
     return {"name": task.name, **result}
 
 
+@dataclass
+class SpmTask:
+    sample_dir: str
+    shards: list[str]
+    langs: tuple[str, str]
+    out_dir: str
+    work: str
+    vocab_size: int
+    model_type: str
+    joint: bool
+    seed: int
+
+
+def train_models(task: SpmTask) -> None:
+    """Train ``spm.{lang}.model`` (one joint model copied under both names, or one per language)."""
+    sample_dir, out, work = Path(task.sample_dir), Path(task.out_dir), Path(task.work)
+
+    def lines(*langs: str) -> Iterator[str]:
+        for lang in langs:
+            for name in task.shards:
+                yield from read_text_lines(sample_dir / f"{name}.{lang}")
+
+    # input_sentence_size=0: use every sentence given; the sample is already drawn.
+    common: dict[str, Any] = dict(vocab_size=task.vocab_size, model_type=task.model_type, seed=task.seed,
+                                  input_sentence_size=0)
+    if task.joint:
+        model = train_sentencepiece(lines(*task.langs), work / "spm.joint", **common)
+        for lang in task.langs:
+            for ext in (".model", ".vocab"):
+                tmp = out / f"spm.{lang}{ext}.tmp"
+                shutil.copyfile(model.with_suffix(ext), tmp)
+                os.replace(tmp, out / f"spm.{lang}{ext}")
+    else:
+        for lang in task.langs:
+            train_sentencepiece(lines(lang), out / f"spm.{lang}", **common)
+
+
 # ---------------------------------------------------------------------------- the pool
 
 
@@ -244,6 +282,13 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def in_child(fn: Callable[[Any], Any], arg: Any) -> Any:
+    """``fn(arg)`` in a fresh child process; its memory goes back to the OS when it exits."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        return pool.apply(fn, (arg,))
 
 
 class Workers:
