@@ -81,6 +81,7 @@ class ModelConfig:
     dropout: float = 0.0
     init: Literal["paper", "torch"] = "paper"
     tie_embeddings: bool = False  # output layer shares the target embedding (not in the paper)
+    compile: bool = False  # torch.compile the alignment scores (fused add-tanh-dot; needs a C++ compiler)
 
 
 @dataclass

@@ -166,7 +166,7 @@ class TrainCase:
 
     @property
     def name(self) -> str:
-        return f"{self.gru}-{self.precision}-t{self.threads}" + ("-compiled" if self.compiled else "")
+        return f"{self.gru}-{self.precision}-t{self.threads}" + ("-compile" if self.compiled else "")
 
 
 def _train_once(case: TrainCase, model_cfg: ModelConfig, data: BenchData) -> dict[str, Any]:
@@ -175,9 +175,8 @@ def _train_once(case: TrainCase, model_cfg: ModelConfig, data: BenchData) -> dic
     record: dict[str, Any] = {}
     with _memory(record):
         torch.manual_seed(0)
-        model = build_model(dataclasses.replace(model_cfg, gru=case.gru), data.src_vocab, data.tgt_vocab, pad_id=PAD_ID)
-        if case.compiled:
-            model.compile_decoder_step()
+        case_cfg = dataclasses.replace(model_cfg, gru=case.gru, compile=case.compiled)
+        model = build_model(case_cfg, data.src_vocab, data.tgt_vocab, pad_id=PAD_ID)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         started = time.perf_counter()
@@ -250,29 +249,37 @@ def _decode_once(model: RNNSearch, sources: list[list[int]], beam: int, batch_se
 
 
 def measure_decoding(beams: list[int], threads: int, precision: str, model_cfg: ModelConfig, data: BenchData,
-                     cfg: Config, repeats: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+                     cfg: Config, repeats: int, say: Callable[[str], None],
+                     compiled: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
     """Sentences/s and output tokens/s per beam size, best of ``repeats`` interleaved passes."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = build_model(model_cfg, data.src_vocab, data.tgt_vocab, pad_id=PAD_ID).eval()
+    models = {}
+    for c in compiled:
+        torch.manual_seed(0)  # the same weights with and without compile
+        models[c] = build_model(dataclasses.replace(model_cfg, compile=c), data.src_vocab, data.tgt_vocab,
+                                pad_id=PAD_ID).eval()
+        if c:  # compiling is a one-off cost, not decoding speed
+            _decode_once(models[c], data.dev_sources[:2], max(beams), 2, cfg, precision)
     n = len(data.dev_sources)
-    runs: dict[int, list[dict[str, Any]]] = {b: [] for b in beams}
+    keys = [(b, c) for c in compiled for b in beams]
+    runs: dict[tuple[int, bool], list[dict[str, Any]]] = {key: [] for key in keys}
     for r in range(repeats):
-        for beam in beams:
+        for beam, c in keys:
             record: dict[str, Any] = {}
             with _memory(record):
                 record["wall_s"], record["cpu_s"], record["out_tokens"] = _decode_once(
-                    model, data.dev_sources, beam, cfg.eval.batch_sentences, cfg, precision)
-            runs[beam].append(record)
-            say(f"[bench model] decode beam {beam} pass {r + 1}/{repeats}: {n / record['wall_s']:.1f} sentences/s")
+                    models[c], data.dev_sources, beam, cfg.eval.batch_sentences, cfg, precision)
+            runs[(beam, c)].append(record)
+            tag = " (model.compile)" if c else ""
+            say(f"[bench model] decode beam {beam}{tag} pass {r + 1}/{repeats}: {n / record['wall_s']:.1f} sentences/s")
     src_tokens = sum(len(s) + 1 for s in data.dev_sources)  # + EOS
     results = []
-    for beam in beams:
-        passes = runs[beam]
+    for beam, c in keys:
+        passes = runs[(beam, c)]
         best = min(passes, key=lambda p: p["wall_s"])
         results.append({
             "beam": beam, "search": "greedy" if beam == 1 else "beam", "threads": threads, "precision": precision,
-            "gru": model_cfg.gru, "sentences": n,
+            "gru": model_cfg.gru, "compiled": c, "sentences": n,
             "sentences_per_s": n / best["wall_s"],
             "sentences_per_s_median": n / statistics.median(p["wall_s"] for p in passes),
             "sentences_per_cpu_s": n / min(p["cpu_s"] for p in passes),
@@ -291,15 +298,16 @@ def measure_decoding(beams: list[int], threads: int, precision: str, model_cfg: 
 # ----------------------------------------------------------------- summary
 
 
-def summarize(training: list[dict[str, Any]]) -> dict[str, float]:
-    """Ratios the issue asks about: bf16 over fp32, 2 threads over 1, paper GRU over cuDNN's."""
+def summarize(training: list[dict[str, Any]], decoding: list[dict[str, Any]]) -> dict[str, float]:
+    """Ratios the issue asks about: bf16 over fp32, 2 threads over 1, paper GRU over cuDNN's,
+    and model.compile over eager where it was measured."""
     by = {(r["threads"], r["precision"], r["gru"], r["compiled"]): r["tokens_per_s"] for r in training}
     out: dict[str, float] = {}
     for (t, p, g, c), v in by.items():
         if c:
             base = by.get((t, p, g, False))
             if base:
-                out[f"compiled_over_eager_{g}_{p}_t{t}"] = v / base
+                out[f"compile_over_eager_train_{g}_{p}_t{t}"] = v / base
             continue
         if p == "bf16" and (t, "fp32", g, False) in by:
             out[f"bf16_over_fp32_{g}_t{t}"] = v / by[(t, "fp32", g, False)]
@@ -307,6 +315,10 @@ def summarize(training: list[dict[str, Any]]) -> dict[str, float]:
             out[f"t2_over_t1_{g}_{p}"] = v / by[(1, p, g, False)]
         if g == "paper" and (t, p, "cudnn", False) in by:
             out[f"paper_over_cudnn_{p}_t{t}"] = v / by[(t, p, "cudnn", False)]
+    eager = {r["beam"]: r["sentences_per_s"] for r in decoding if not r["compiled"]}
+    for r in decoding:
+        if r["compiled"] and r["beam"] in eager:
+            out[f"compile_over_eager_decode_beam{r['beam']}"] = r["sentences_per_s"] / eager[r["beam"]]
     return {k: round(v, 3) for k, v in sorted(out.items())}
 
 
@@ -343,16 +355,17 @@ def to_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["training"]:
-        gru = r["gru"] + (" (compiled step)" if r["compiled"] else "")
+        gru = r["gru"] + (" + model.compile" if r["compiled"] else "")
         lines.append(f"| {r['case']} | {r['threads']} | {r['precision']} | {gru} | {r['tokens_per_s']:.0f} | "
                      f"{r['tokens_per_s_median']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['step_s']:.3f} | "
                      f"{r['peak_rss_mib']:.0f} |")
     lines += ["", "Ratios (tokens/s): " + ", ".join(f"{k} {v}" for k, v in result["summary"].items()), "",
               "## Decoding (untrained model: every hypothesis runs to the length limit)", "",
-              "| beam | threads | precision | sentences/s | median | per CPU-s | output tokens/s | mean out len | peak RSS MiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| beam | threads | precision | compile | sentences/s | median | per CPU-s | output tokens/s | mean out len | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["decoding"]:
-        lines.append(f"| {r['beam']} | {r['threads']} | {r['precision']} | {r['sentences_per_s']:.1f} | "
+        lines.append(f"| {r['beam']} | {r['threads']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+                     f"{r['sentences_per_s']:.1f} | "
                      f"{r['sentences_per_s_median']:.1f} | {r['sentences_per_cpu_s']:.1f} | "
                      f"{r['output_tokens_per_s']:.0f} | {r['mean_output_len']:.1f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -375,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--grus", nargs="+", default=["cudnn", "paper"], choices=["cudnn", "paper"])
     p.add_argument("--compile", action="store_true",
-                   help="also train with the decoder step under torch.compile (first thread count; minutes)")
+                   help="also measure model.compile=true: training at the first thread count, and decoding")
     p.add_argument("--train-batches", type=int, default=4, help="batches per timed training pass")
     p.add_argument("--beams", type=int, nargs="+", default=[1, 5, 12], help="beam sizes to decode with")
     p.add_argument("--decode-sentences", type=int, default=200, help="newstest2013 sentences to decode")
@@ -415,7 +428,7 @@ def main(argv: list[str]) -> int:
             training = measure_training(cases, model_cfg, data, args.repeats, say)
             decode_threads = args.decode_threads or cfg.eval.threads
             decoding = measure_decoding(args.beams, decode_threads, args.decode_precision, model_cfg, data, cfg,
-                                        args.repeats, say)
+                                        args.repeats, say, (False, True) if args.compile else (False,))
     finally:
         torch.set_num_threads(old_threads)
     machine["load_average_end"] = round(os.getloadavg()[0], 2)
@@ -436,7 +449,7 @@ def main(argv: list[str]) -> int:
         "repeats": args.repeats,
         "training": training,
         "decoding": decoding,
-        "summary": summarize(training),
+        "summary": summarize(training, decoding),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "model-tiny" if args.tiny else "model"

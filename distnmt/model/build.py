@@ -21,4 +21,5 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_
         pad_id=pad_id,
         init=cfg.init,
         tie_embeddings=cfg.tie_embeddings,
+        compile=cfg.compile,
     )

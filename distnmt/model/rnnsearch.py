@@ -64,6 +64,20 @@ class EncoderOutput:
         )
 
 
+def _additive_scores(keys: Tensor, query: Tensor, v: Tensor) -> Tensor:
+    """e = v^T tanh(keys + query) over the last dim: [B, 1, S, A] + [B, k, 1, A] -> [B, k, S].
+
+    The sum is built in place: one [B, k, S, A] buffer instead of two, the biggest
+    tensor of a decoder step (beam 12: 12 rows per sentence, S x A each).
+    """
+    return F.linear((keys + query).tanh_(), v).squeeze(-1)
+
+
+def _additive_scores_plain(keys: Tensor, query: Tensor, v: Tensor) -> Tensor:
+    """:func:`_additive_scores` without the in-place op, for torch.compile to fuse."""
+    return F.linear(torch.tanh(keys + query), v).squeeze(-1)
+
+
 class PaperGRUCell(nn.Module):
     """The GRU of the paper (appendix A.2.2), reset gate applied *before* U.
 
@@ -116,6 +130,10 @@ class RNNSearch(nn.Module):
             (paper: separate). W_o reads the maxout output (``maxout_size`` wide) and
             E has ``embed_size`` columns, so when the two differ a bias-free
             projection ``output_proj`` (maxout_size -> embed_size) is inserted.
+        compile: run the alignment scores v_a^T tanh(W_a s + U_a h_j) through
+            ``torch.compile`` (needs a C++ compiler; the first batch compiles for
+            15-60 s). The scores are the largest elementwise work of a step, and
+            fused they ran 2-3x faster; see docs/MODEL.md for what that buys.
     """
 
     def __init__(
@@ -132,6 +150,7 @@ class RNNSearch(nn.Module):
         pad_id: int = 0,
         init: str = "paper",
         tie_embeddings: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if gru not in GRU_VARIANTS:
@@ -175,9 +194,11 @@ class RNNSearch(nn.Module):
         self.output = nn.Linear(embed_size if tie_embeddings else maxout_size, tgt_vocab_size)
         if tie_embeddings:
             self.output.weight = self.tgt_embed.weight
-        # Set by compile_decoder_step(); None runs _recurrence_step eagerly. Not a bound
-        # method stored on self: that would make every model a reference cycle.
-        self._compiled_step: Callable[..., tuple[Tensor, Tensor]] | None = None
+        # The alignment scores through torch.compile (one fused add-tanh-dot kernel), or
+        # eager. A plain function, not a bound method: no reference cycle, still picklable.
+        self._scores: Callable[[Tensor, Tensor, Tensor], Tensor] = _additive_scores
+        if compile and attention:
+            self._scores = torch.compile(_additive_scores_plain, dynamic=True)
 
         if init == "paper":
             self._init_paper()
@@ -255,21 +276,29 @@ class RNNSearch(nn.Module):
         return enc.init_state
 
     def attend(self, state: Tensor, enc: EncoderOutput) -> tuple[Tensor, Tensor]:
-        """Context c_i [B, 2H] and weights alpha_i [B, S] for decoder state s_{i-1}.
+        """Context c_i [N, 2H] and weights alpha_i [N, S] for decoder states s_{i-1} [N, H].
 
+        ``enc`` has B rows and N = B * k: the k consecutive state rows b*k .. b*k+k-1
+        all read sentence b (k = 1 in training and greedy search, k = beam size in
+        beam search, which so never copies the source side per hypothesis).
         RNNencdec returns its fixed context and all-zero weights (it aligns nothing).
         """
+        B, N = enc.mask.size(0), state.size(0)
+        if N % max(B, 1):
+            raise ValueError(f"{N} decoder states for {B} encoded sentences: need a multiple")
+        k = N // B if B else 1
         if not self.attention:
             assert enc.context is not None
-            return enc.context, enc.mask.new_zeros(enc.mask.shape, dtype=torch.float32)
+            context = enc.context if k == 1 else enc.context.repeat_interleave(k, dim=0)
+            return context, enc.mask.new_zeros((N, enc.mask.size(1)), dtype=torch.float32)
         assert enc.keys is not None
-        query = self.query_proj(state)  # W_a s_{i-1}: [B, A]
-        energies = self.energy(torch.tanh(enc.keys + query.unsqueeze(1))).squeeze(-1)  # [B, S]
+        query = self.query_proj(state).view(B, k, 1, -1)  # W_a s_{i-1}: [B, k, 1, A]
+        energies = self._scores(enc.keys.unsqueeze(1), query, self.energy.weight)  # [B, k, S]
         # Softmax in fp32 (bf16 would round weights visibly); -inf makes padding exactly 0.
-        energies = energies.float().masked_fill(~enc.mask, float("-inf"))
+        energies = energies.float().masked_fill(~enc.mask.unsqueeze(1), float("-inf"))
         weights = torch.softmax(energies, dim=-1)
-        context = torch.bmm(weights.unsqueeze(1).to(enc.annotations.dtype), enc.annotations)
-        return context.squeeze(1), weights
+        context = torch.bmm(weights.to(enc.annotations.dtype), enc.annotations)  # [B, k, 2H]
+        return context.view(N, -1), weights.view(N, -1)
 
     def _cell_step(self, emb: Tensor, context: Tensor, state: Tensor) -> Tensor:
         """s_i = GRU([E y_{i-1}; c_i], s_{i-1})."""
@@ -302,10 +331,9 @@ class RNNSearch(nn.Module):
         states, contexts = [], []
         # unbind, not emb[:, i]: the backward of T selects would write T zero-filled
         # [B, T, E] gradients; unbind's backward is one stack.
-        step = self._compiled_step or self._recurrence_step
         for emb_i in emb.unbind(1):
             states.append(state)
-            context, state = step(emb_i, state, enc)
+            context, state = self._recurrence_step(emb_i, state, enc)
             contexts.append(context)
         prev_states = torch.stack(states, dim=1)  # s_{i-1}: [B, T, H]
         all_contexts = torch.stack(contexts, dim=1)  # c_i: [B, T, 2H]
@@ -316,21 +344,14 @@ class RNNSearch(nn.Module):
         context, _ = self.attend(state, enc)
         return context, self._cell_step(emb, context, state)
 
-    def compile_decoder_step(self, **compile_kwargs: object) -> None:
-        """Run the teacher-forcing recurrence step through ``torch.compile``.
-
-        Kept for measurement only (``distnmt bench model --compile``): on CPU it
-        gained at most a few percent for 1.5-2.5 minutes of compiling, and
-        ``dynamic=True`` fails in torch 2.13 (see docs/MODEL.md). Not a config option.
-        """
-        self._compiled_step = torch.compile(self._recurrence_step, **compile_kwargs)
-
     def decode_step(
         self, enc: EncoderOutput, prev_tokens: Tensor, state: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One decoder step from y_{i-1} [B] and s_{i-1} [B, H].
+        """One decoder step from y_{i-1} [N] and s_{i-1} [N, H].
 
-        Returns log p(y_i | ...) [B, V] in fp32, s_i [B, H] and alpha_i [B, S].
+        Returns log p(y_i | ...) [N, V] in fp32, s_i [N, H] and alpha_i [N, S].
+        ``enc`` holds N sentences, or N / k sentences each read by k consecutive
+        rows (beam search's hypotheses; see :meth:`attend`).
         """
         emb = self.dropout(self.tgt_embed(prev_tokens))
         context, weights = self.attend(state, enc)

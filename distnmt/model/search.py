@@ -112,8 +112,9 @@ def beam_search(
     # Live state, for the still active sentences only (`sent` maps row -> sentence).
     sent = torch.arange(B, device=device)
     limits = limits_all
-    enc = model.encode(src, src_lengths).index_select(sent.repeat_interleave(K))
-    state = model.init_decoder_state(enc)  # [N, H], N = active * K
+    # The source side stays one row per sentence; its K hypotheses share it (see attend).
+    enc = model.encode(src, src_lengths)
+    state = model.init_decoder_state(enc).repeat_interleave(K, dim=0)  # [N, H], N = active * K
     prev = torch.full((B * K,), bos_id, dtype=torch.long, device=device)
     # Only beam 0 is real at the start; the -inf copies keep shapes fixed at K.
     scores = torch.full((B, K), neg_inf, device=device)
@@ -178,7 +179,7 @@ def beam_search(
             keep = (~done).nonzero().squeeze(1)
             keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
             sent, limits, scores = sent[keep], limits[keep], scores[keep]
-            enc = enc.index_select(keep_rows)
+            enc = enc.index_select(keep)
             state, prev, hist = state[keep_rows], prev[keep_rows], hist[keep_rows]
             if attn_hist is not None:
                 attn_hist = attn_hist[keep_rows]
