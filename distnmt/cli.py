@@ -98,16 +98,23 @@ def _eval_overrides(args: argparse.Namespace, cfg: Config) -> EvalConfig:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score one checkpoint, or the average of the last N, on dev or test without Ray Train."""
+    import os
     import shutil
 
     from distnmt.checkpoint import read_meta
-    from distnmt.config import config_from_dict
+    from distnmt.config import _apply_override, config_from_dict, parse_override
     from distnmt.evaluate.average import average_checkpoints, last_checkpoints
     from distnmt.evaluate.evaluator import Evaluator
 
     checkpoint = Path(args.checkpoint)
-    stored = config_from_dict(read_meta(checkpoint)["config"])
-    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else stored
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        # --set applies to the checkpoint's own config (its model, data and decoding settings).
+        data = read_meta(checkpoint)["config"]
+        for text in args.overrides:
+            _apply_override(data, *parse_override(text))
+        cfg = config_from_dict(data)
     cfg = dataclasses.replace(cfg, eval=_eval_overrides(args, cfg))
     prepared = args.prepared or Path(cfg.data.prepared_dir)
     out = args.out or checkpoint.parent
@@ -121,9 +128,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"[evaluate] averaged {' '.join(p.name for p in paths)} into {checkpoint}", flush=True)
     evaluator = Evaluator(cfg.to_dict(), str(prepared), str(out))
     record = evaluator.score(str(checkpoint))
+    # A checkpoint already scored with these settings is not decoded again.
+    reused = " (persisted score reused)" if record.get("evaluator_pid") != os.getpid() else ""
     print(
         f"[evaluate] {record['sentences']} sentences, beam {record['beam_size']}: decoded in "
-        f"{record['decode_seconds']:.1f} s ({record['sentences_per_s']:.1f} sentences/s); "
+        f"{record['decode_seconds']:.1f} s ({record['sentences_per_s']:.1f} sentences/s; "
+        f"{record.get('decode_cpu_seconds', float('nan')):.1f} s of CPU, {cfg.eval.threads} thread(s)){reused}; "
         f"hypotheses in {Path(out) / 'eval' / record['hyp_file']}"
     )
     print(f"{record['test_set']} {record['checkpoint']}: {record['bleu_line']}")

@@ -158,9 +158,10 @@ def test_newest_policy_skips_a_checkpoint_when_a_newer_one_was_reported(prepared
     assert [r["checkpoint"] for r in newest.results()] == ["checkpoint_00000030"]
     lines = (run / "eval" / "dev.skipped.jsonl").read_text().splitlines()
     assert [json.loads(line)["checkpoint"] for line in lines] == ["checkpoint_00000010"]
-    assert [r["checkpoint"] for r in Evaluator(_config(prepared), str(prepared), str(run)).skipped()] == [
-        "checkpoint_00000010"
-    ]
+    restarted = Evaluator(_config(prepared, "eval.policy=newest"), str(prepared), str(run))
+    assert [r["checkpoint"] for r in restarted.skipped()] == ["checkpoint_00000010"]
+    assert _report(restarted, paths[0])["skipped_at"] == skipped["skipped_at"]  # re-sent: not recorded twice
+    assert len((run / "eval" / "dev.skipped.jsonl").read_text().splitlines()) == 1
     # Policy "every" scores it all the same.
     every = Evaluator(_config(prepared), str(prepared), str(tmp_path / "other"))
     assert not _report(every, paths[0]).get("skipped")
@@ -195,8 +196,23 @@ def test_stop_reason_comes_from_persisted_scores(prepared: Path, tmp_path: Path)
     _report(evaluator, make_checkpoint(run, prepared, 20, seed=2))
     reason = evaluator.stop_reason()
     assert reason is not None and "has not improved by more than 100 for 1 scored checkpoint(s)" in reason
-    # A restarted evaluator gives the same answer at once.
-    assert Evaluator(_config(prepared, "eval.patience=1", "eval.min_delta=100"), str(prepared), str(run)).stop_reason() == reason
+    # A restarted evaluator gives the same answer at once, and reports it as why the run ended.
+    restarted = Evaluator(_config(prepared, "eval.patience=1", "eval.min_delta=100", "eval.test_at_end=false",
+                                  "eval.figures=false"), str(prepared), str(run))
+    assert restarted.stop_reason() == reason
+    restarted.finalize()
+    assert restarted.final()["stop_reason"] == reason
+
+
+def test_a_reason_nobody_asked_for_is_not_why_the_run_ended(prepared: Path, tmp_path: Path) -> None:
+    # Training hit max_steps; the last score would have met the patience, but no one was told to stop.
+    run = tmp_path / "run"
+    evaluator = Evaluator(_config(prepared, "eval.patience=1", "eval.min_delta=100", "eval.test_at_end=false",
+                                  "eval.figures=false"), str(prepared), str(run))
+    for step in (10, 20):
+        _report(evaluator, make_checkpoint(run, prepared, step, seed=step))
+    evaluator.finalize()
+    assert evaluator.final()["stop_reason"] is None
 
 
 def test_finalize_scores_the_best_on_test_draws_figures_and_logs_to_wandb(
@@ -231,6 +247,9 @@ def test_finalize_scores_the_best_on_test_draws_figures_and_logs_to_wandb(
     run_id = (run / "eval" / "wandb_run_id").read_text().strip()
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    media = offline[0] / "files" / "media"
+    assert list(media.glob("table/samples_*.table.json"))  # the sample translations
+    assert sorted(p.name.split("_")[0] for p in media.glob("images/figures/*.png")) == ["attention", "attention", "bleu"]
     # Finalizing again reuses every score.
     assert evaluator.finalize() == records
     assert len((run / "eval" / "test.jsonl").read_text().splitlines()) == 1

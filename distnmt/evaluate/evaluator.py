@@ -5,7 +5,8 @@ as a named, threaded Ray actor with its own resources (``eval.num_cpus``,
 ``eval.num_gpus``), restarted by Ray if it dies. Ray Train's checkpoint-validation
 hook (:func:`score_with_evaluator`, run as a Ray task after each
 ``ray.train.report(..., validation=True)``) hands every new checkpoint to the
-actor and returns its scores, which Ray merges into that checkpoint's metrics.
+actor and returns its scores, which Ray merges into that checkpoint's metrics
+(it lives in :mod:`distnmt.evaluate.hook`, light to import).
 Training never waits: the hook runs beside the workers, and Ray waits for the
 pending ones when training ends.
 
@@ -41,12 +42,12 @@ from typing import Any, Iterator, Optional
 import ray
 import torch
 
-from distnmt.checkpoint import check_vocab, read_meta
+from distnmt.checkpoint import read_meta
 from distnmt.config import Config, config_from_dict
 from distnmt.data.corpus import read_lines
 from distnmt.data.prepare import load_manifest
-from distnmt.evaluate.figures import bleu_by_length, plot_attention, plot_bleu_by_length
 from distnmt.evaluate.policy import EarlyStopping, Record, best_record, should_skip
+from distnmt.evaluate.hook import score_with_evaluator  # noqa: F401  (the driver imports it from here)
 from distnmt.evaluate.records import RecordStore, write_text_atomic
 from distnmt.evaluate.scoring import score_corpus
 from distnmt.evaluate.translator import translator_from_checkpoint
@@ -99,7 +100,11 @@ class Evaluator:
         self._lock = threading.RLock()
         self._busy: Optional[str] = None
         self._known: dict[str, int] = {}  # checkpoints heard of: name -> step
-        self._said_stop = False
+        # What training was told: the reason it stopped, kept so a restarted actor knows.
+        self._stop_path = self.store.out_dir / "stop.json"
+        self._stop_sent: Optional[str] = (
+            json.loads(self._stop_path.read_text(encoding="utf-8"))["reason"] if self._stop_path.exists() else None
+        )
         if self.store.scored or self.store.skipped:
             print(
                 f"[evaluator] pid {os.getpid()}: resuming with {len(self.store.scored)} score(s) and "
@@ -151,7 +156,7 @@ class Evaluator:
         return self._score(path, path.name, split or self.split, origin="evaluate")
 
     def _score(self, path: Path, name: str, split: str, origin: str, reported_at: Optional[float] = None,
-               storage_path: Optional[str] = None) -> Record:
+               storage_path: Optional[str] = None, handed_at: Optional[float] = None) -> Record:
         """Decode ``split`` with the checkpoint at ``path`` (named ``name`` in the run), score,
         persist, log; or reuse a persisted score."""
         with self._lock:
@@ -162,8 +167,10 @@ class Evaluator:
                     existing = {**existing, "origin": "training", "reported_at": reported_at}
                     self.store.add_score(existing)
                 return existing
+            # No vocabulary check against the prepared data: the checkpoint carries its own
+            # sentencepiece models and is scored on raw text, so any prepared copy of the
+            # split will do (e.g. an old checkpoint after the data was prepared again).
             meta = read_meta(path)
-            check_vocab(meta, self.manifest["spm_sha256"], path)
             data = self._load_split(split)
             self._busy = name
             try:
@@ -172,6 +179,7 @@ class Evaluator:
                 self._busy = None
             record["path"] = storage_path or str(path)
             record["reported_at"] = reported_at
+            record["handed_at"] = handed_at
             record["lag_seconds"] = round(record["scored_at"] - reported_at, 2) if reported_at else None
             self.store.add_score(record)
             self._log(record, data, hypotheses)
@@ -182,13 +190,13 @@ class Evaluator:
         time.sleep(float(os.environ.get(SLOWDOWN_ENV, "0")))
         started = time.time()
         translator = translator_from_checkpoint(path, self.cfg.eval, device=self.device)
-        loaded = time.time()
+        loaded, cpu_loaded = time.time(), time.process_time()
         hypotheses = translator.translate(data.sources)
-        decoded = time.time()
+        decoded, cpu_decoded = time.time(), time.process_time()
         scores = score_corpus(hypotheses, data.references)
         # Training and end-of-run scores keep the plain name the run's readers expect;
         # `distnmt evaluate` may use other settings, so its file says which.
-        suffix = "" if origin != "evaluate" else f".beam{self.cfg.eval.beam_size}"
+        suffix = "" if origin != "evaluate" else f".beam{self.cfg.eval.beam_size}.n{len(hypotheses)}"
         hyp_path = self.store.out_dir / f"{data.name}.{name}{suffix}.hyp"
         write_text_atomic(hyp_path, "".join(h + "\n" for h in hypotheses))
         decode_seconds = decoded - loaded
@@ -203,6 +211,8 @@ class Evaluator:
             "load_seconds": round(loaded - started, 2),
             "decode_seconds": round(decode_seconds, 2),
             "sentences_per_s": round(len(hypotheses) / max(decode_seconds, 1e-9), 2),
+            # CPU time as well: on a shared machine wall time says more about the neighbours.
+            "decode_cpu_seconds": round(cpu_decoded - cpu_loaded, 2),
             "started_at": started,
             "scored_at": time.time(),
             "evaluator_pid": os.getpid(),
@@ -226,11 +236,12 @@ class Evaluator:
 
     # ------------------------------------------------------------------ the training hook
 
-    def score_checkpoint(self, checkpoint: "ray.train.Checkpoint") -> Record:
+    def score_checkpoint(self, checkpoint: "ray.train.Checkpoint", handed_at: Optional[float] = None) -> Record:
         """A checkpoint Ray Train reported: score it, or under policy "newest" perhaps skip it.
 
-        Returns the score record, or a record with ``"skipped": True`` naming the
-        newer checkpoint that made this one not worth scoring.
+        ``handed_at``: when the validation hook started (recorded, to tell Ray's share
+        of the lag from the evaluator's). Returns the score record, or a record with
+        ``"skipped": True`` naming the newer checkpoint that made this one not worth scoring.
         """
         name = posixpath.basename(checkpoint.path.rstrip("/"))
         step = self._step_of(checkpoint.filesystem, checkpoint.path)
@@ -238,6 +249,9 @@ class Evaluator:
         reported_at = _mtime(checkpoint.filesystem, posixpath.join(checkpoint.path, "meta.json"))
         with self._lock:  # decided at the checkpoint's turn: what is known then is what counts
             if self._find(self.split, name) is None:
+                for skip in self.store.skipped:
+                    if skip["split"] == self.split and skip["checkpoint"] == name:
+                        return skip  # re-sent after a restart: skipped once is enough
                 self._discover(checkpoint)
                 newer = should_skip(self.cfg.eval.policy, step, self._known)
                 if newer is not None:
@@ -245,7 +259,7 @@ class Evaluator:
             # Local storage: the directory itself; cloud storage: a local copy.
             with checkpoint.as_directory() as directory:
                 return self._score(Path(directory), name, self.split, origin="training",
-                                   reported_at=reported_at, storage_path=checkpoint.path)
+                                   reported_at=reported_at, storage_path=checkpoint.path, handed_at=handed_at)
 
     def _skip(self, name: str, step: int, newer: str, reported_at: Optional[float], path: str) -> Record:
         record = {
@@ -303,14 +317,17 @@ class Evaluator:
                 "skipped": len(self.store.skipped)}
 
     def stop_reason(self) -> Optional[str]:
-        """Why training should stop now (early stopping), or None to go on.
+        """Why training should stop now (early stopping), or None to go on; asked by training rank 0.
 
-        Derived from the persisted scores, so a restarted evaluator gives the same answer.
+        Derived from the persisted scores, so a restarted evaluator gives the same
+        answer. The first reason handed out is kept in ``eval/stop.json``: it is why
+        the run ended, which :meth:`finalize` reports.
         """
         reason = self.early.reason(self.training_records())
-        if reason and not self._said_stop:
-            self._said_stop = True
-            print(f"[evaluator] {reason}", flush=True)
+        if reason and self._stop_sent is None:
+            self._stop_sent = reason
+            write_text_atomic(self._stop_path, json.dumps({"reason": reason, "at": time.time()}) + "\n")
+            print(f"[evaluator] telling training to stop: {reason}", flush=True)
         return reason
 
     def best(self) -> Optional[Record]:
@@ -345,7 +362,7 @@ class Evaluator:
     def _finalize(self) -> dict[str, Any]:
         best = self.best()
         final: dict[str, Any] = {
-            "best": best, "test": None, "figures": [], "stop_reason": self.stop_reason(),
+            "best": best, "test": None, "figures": [], "stop_reason": self._stop_sent,
             "skipped": [r["checkpoint"] for r in self.store.skipped if r["split"] == self.split],
             "lag_seconds": _lag_summary(self.training_records()),
         }
@@ -386,6 +403,10 @@ class Evaluator:
 
     def _figures(self, best: Record, test: Optional[Record], directory: Path) -> list[Path]:
         """Figure 2 (BLEU by source length, on test if scored) and Figure 3 (attention) for ``best``."""
+        # Late: matplotlib takes a second to import, needed once per run, and a
+        # restarted actor should be back to scoring as soon as it can.
+        from distnmt.evaluate.figures import bleu_by_length, plot_attention, plot_bleu_by_length
+
         out = self.run_dir / "figures"
         scored = test or best
         data = self._load_split(scored["split"])
@@ -432,17 +453,3 @@ def _lag_summary(records: list[Record]) -> Optional[dict[str, float]]:
     if not lags:
         return None
     return {"mean": round(sum(lags) / len(lags), 2), "max": round(max(lags), 2), "checkpoints": len(lags)}
-
-
-def score_with_evaluator(checkpoint: "ray.train.Checkpoint", evaluator_name: str, namespace: str) -> dict[str, Any]:
-    """Ray Train validation function: hand the checkpoint to the evaluator actor.
-
-    Returns the metrics Ray merges into the checkpoint's own (so CheckpointConfig
-    can rank checkpoints by dev BLEU). A checkpoint skipped under policy "newest"
-    gets no BLEU, only ``eval_skipped`` (Ray then ranks it below every scored one).
-    """
-    actor = ray.get_actor(evaluator_name, namespace=namespace)
-    record = ray.get(actor.score_checkpoint.remote(checkpoint))
-    if record.get("skipped"):
-        return {"eval_skipped": True}
-    return {"bleu": record["bleu"], "chrf": record["chrf"]}

@@ -76,12 +76,20 @@ def _train(prepared: Path, storage: Path, name: str, overrides: list[str]) -> li
         _release_evaluator(name)
 
 
+def _evaluator(name: str) -> Any:
+    """The run's evaluator actor (the driver names it distnmt-evaluator-<train.name>-<run dir digest>)."""
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"distnmt-evaluator-{name}-"):
+            return ray.get_actor(entry["name"], namespace=NAMESPACE)
+    raise ValueError(f"no evaluator actor for run {name!r} (yet)")
+
+
 def _release_evaluator(name: str) -> None:
-    """The actor outlives run_training on a cluster the test owns; free its CPU for the next run."""
+    """Free the actor's CPU for the next run if it outlived run_training on the test's cluster."""
     try:
-        ray.kill(ray.get_actor(f"distnmt-evaluator-{name}", namespace=NAMESPACE), no_restart=True)
+        ray.kill(_evaluator(name), no_restart=True)
     except ValueError:
-        pass  # never started
+        pass  # gone already (the driver kills it at the end) or never started
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -100,14 +108,16 @@ class _Killer(threading.Thread):
         self.name_ = name
         self.deadline = time.time() + deadline_s
         self.killed: Optional[dict[str, Any]] = None
+        self.errors: list[str] = []  # why polls failed, for the assertion message
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set() and time.time() < self.deadline:
             try:
-                actor = ray.get_actor(f"distnmt-evaluator-{self.name_}", namespace=NAMESPACE)
+                actor = _evaluator(self.name_)
                 status = ray.get(actor.status.remote(), timeout=10)
-            except (ValueError, ray.exceptions.RayError):
+            except Exception as err:  # not started yet, or restarting: poll again
+                self.errors.append(f"{type(err).__name__}: {str(err)[:200]}")
                 time.sleep(0.2)
                 continue
             if status["decoding"]:
@@ -127,7 +137,7 @@ def test_killing_the_evaluator_mid_decode_loses_no_score(local_ray: None, prepar
     finally:
         killer.stop.set()
         killer.join()
-    assert killer.killed is not None, "the evaluator was never caught decoding"
+    assert killer.killed is not None, f"the evaluator was never caught decoding; polls failed with {killer.errors[-3:]}"
 
     run_dir = tmp_path / "kill"
     checkpoints = _checkpoints(run_dir)
