@@ -27,7 +27,8 @@ from ray.train.torch import TorchTrainer
 
 from distnmt.config import Config, ConfigError
 from distnmt.data.prepare import load_manifest
-from distnmt.evaluate.evaluator import Evaluator, score_with_evaluator
+from distnmt.evaluate.evaluator import Evaluator
+from distnmt.evaluate.hook import score_with_evaluator
 from distnmt.train.loop import train_loop_per_worker
 
 NAMESPACE = "distnmt"
@@ -70,7 +71,7 @@ def start_evaluator(cfg: Config, run_dir: Path) -> tuple[Any, str]:
     # paths can share a cluster without sharing an evaluator.
     digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]
     name = f"distnmt-evaluator-{cfg.train.name}-{digest}"
-    resources: dict[str, Any] = {"num_cpus": cfg.eval.num_cpus}
+    resources: dict[str, Any] = {"num_cpus": cfg.eval.num_cpus, "num_gpus": cfg.eval.num_gpus}
     actor = (
         ray.remote(Evaluator)
         # max_concurrency: the trainers' stop_reason() calls are answered while a
@@ -127,6 +128,8 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         # Scores still pending were awaited by fit(); finalize does the end-of-run work
         # (e.g. the best checkpoint on the test set) and returns every record.
         records = ray.get(evaluator.finalize.remote())
+        _report_final(ray.get(evaluator.final.remote()), run_dir)
+        # Last, so that the run ends with the dev BLEU line (signature included).
         _summarize([r for r in records if r["split"] == "dev"], time.time() - fit_started)
         return records
     finally:
@@ -134,6 +137,17 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
             ray.kill(evaluator)  # on a shared cluster it would otherwise outlive the run
         if owns_ray:
             ray.shutdown()
+
+
+def _report_final(final: dict[str, Any], run_dir: Path) -> None:
+    """Why training ended, the best checkpoint on the test set, where the figures are."""
+    if final.get("stop_reason"):
+        print(f"[distnmt] training stopped early: {final['stop_reason']}", flush=True)
+    if final.get("figures"):
+        print(f"[distnmt] figures: {', '.join(str(run_dir / f) for f in final['figures'])}", flush=True)
+    if final.get("test"):
+        test = final["test"]
+        print(f"[distnmt] {test['test_set']} {test['checkpoint']} (best by dev BLEU): {test['bleu_line']}", flush=True)
 
 
 def _summarize(records: list[dict[str, Any]], seconds: float) -> None:
