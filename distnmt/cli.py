@@ -50,10 +50,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         overrides.append(f"data.source_dir={args.mirror}")
     cfg = load_config(args.config, overrides)
     d = cfg.data
-    for key, value, low in (("shard_size", d.shard_size, 1), ("spm_sample_pairs", d.spm_sample_pairs, 1),
-                            ("workers", d.workers, 1), ("max_words", d.max_words, 1), ("max_ratio", d.max_ratio, 1)):
-        if value is not None and value < low:
-            raise ConfigError(f"data.{key}: {value!r} must be at least {low}" + (" or null" if key in ("workers", "max_words", "max_ratio") else ""))
+    # Range checks of the data keys only prepare reads (config.validate covers the shared ones).
+    for key, value, nullable in (("shard_size", d.shard_size, False), ("spm_sample_pairs", d.spm_sample_pairs, False),
+                                 ("workers", d.workers, True), ("max_words", d.max_words, True),
+                                 ("max_ratio", d.max_ratio, True)):
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key}: {value!r} must be at least 1" + (" or null" if nullable else ""))
     rules = CleanRules(normalize=d.normalize, fold_line_breaks=d.fold_line_breaks, drop_empty=d.drop_empty,
                        max_words=d.max_words, max_ratio=d.max_ratio, dedupe=d.dedupe)
     started = time.time()

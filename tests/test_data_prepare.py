@@ -196,11 +196,15 @@ def test_failed_run_leaves_nothing_taken_as_done(small_mirror: Path, tmp_path: P
         _prepare_small(small_mirror, tmp_path / "out", shard_size=300, workers=2)
     with pytest.raises(DataError, match="manifest.json: missing"):
         load_manifest(tmp_path / "out")  # the earlier complete output is no longer vouched for
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+    # a stamp vouches only for a shard whose files are complete (temporary names are never read)
+    for stamp in (tmp_path / "out/work/clean").glob("*-[0-9][0-9][0-9][0-9][0-9].json"):
+        name = stamp.name[: -len(".json")]
+        assert all((tmp_path / "out/work/clean" / f"{name}.{lang}").is_file() for lang in ("en", "fr"))
 
     europarl = _mtimes(tmp_path / "out/work/clean", "europarl-v7-*.en")
     giga.write_bytes(good)
     fixed = _prepare_small(small_mirror, tmp_path / "out", shard_size=300, workers=2).manifest
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith((".tmp", ".scratch"))]
     assert _mtimes(tmp_path / "out/work/clean", "europarl-v7-*.en") == europarl  # not redone
     fresh = _prepare_small(small_mirror, tmp_path / "fresh", shard_size=300).manifest
     assert fixed["shards"] == fresh["shards"] and fixed["spm_sha256"] == fresh["spm_sha256"]
@@ -231,7 +235,7 @@ def _damage(mirror: Path, kind: str) -> tuple[Path, str]:
     if kind == "truncated gzip":
         path = by_corpus / "giga-fren.en.gz"
         path.write_bytes(path.read_bytes()[:-100])
-        return path, r":\d+: cannot read: EOFError"
+        return path, r": cannot read past line \d+ \(truncated or corrupt\?\): EOFError"
     if kind == "empty corpus":
         path = by_corpus / "europarl-v7.en.gz"
         for lang in ("en", "fr"):

@@ -429,6 +429,9 @@ def main(argv: list[str]) -> int:
         args.pairs, args.vocab_size, args.spm_sample_pairs = min(args.pairs, 4000), 500, 2000
         args.shard_size, args.loader_seconds = 1000, 2.0
         args.work = args.work.with_name(args.work.name + "-tiny")
+    from distnmt.config import load_config
+
+    load_config(args.step_config)  # fail now, not after a long prepare, if the step's config is broken
     mirror, copies = build_corpus(args.sample, args.work / "corpus", args.pairs)
     if args.tiny:  # the sample repeated once is 43k pairs; tiny keeps only the first lines of each part
         mirror, copies = _truncate(mirror, args.work / "corpus-tiny", args.pairs // len(PARTS)), 1

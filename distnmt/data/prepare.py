@@ -492,11 +492,12 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _prune(folder: Path, keep: set[str]) -> None:
-    """Delete files of shards that are no longer part of the output (an earlier config's)."""
+    """Delete files of shards no longer in the output (an earlier config's), and the
+    temporary files an interrupted run may have left (never read: only renamed)."""
     if not folder.is_dir():
         return
     for path in folder.iterdir():
-        if path.is_file() and path.name.split(".", 1)[0] not in keep:
+        if path.is_file() and (path.name.split(".", 1)[0] not in keep or path.name.endswith((".tmp", ".scratch"))):
             path.unlink()
 
 

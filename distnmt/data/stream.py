@@ -83,9 +83,11 @@ class LineBlockReader:
         try:
             chunk = self._f.read(_READ_SIZE)
         except _READ_ERRORS as exc:
-            # A truncated or corrupt .gz: say how far it got, so the user sees it is cut short.
+            # A truncated or corrupt .gz: say how far it got (whole reads succeed or fail,
+            # so this is a lower bound), so the user sees the file is cut short.
+            good = self.lines + self._buf.count(b"\n")
             raise DataError.at(
-                self.path, self.lines + self._buf.count(b"\n") + 1, f"cannot read: {type(exc).__name__}: {exc}"
+                self.path, None, f"cannot read past line {good} (truncated or corrupt?): {type(exc).__name__}: {exc}"
             ) from None
         if chunk:
             self._buf += chunk
