@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import itertools
 import pickle
 import re
 import unicodedata

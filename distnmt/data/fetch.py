@@ -110,7 +110,8 @@ def extract_members(archive_path: Path, wanted: Sequence[str], dest: Path) -> di
                 if not todo:
                     break
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise DataError.at(archive_path, None, f"cannot read archive ({type(exc).__name__}: {exc}); truncated or corrupt?") from None
+        reason = f"{type(exc).__name__}: {exc}"
+        raise DataError.at(archive_path, None, f"cannot read archive ({reason}); truncated or corrupt?") from None
     if todo:
         raise DataError.at(archive_path, None, f"has no member {sorted(todo)[0]!r}; is it the right archive?")
     return out
@@ -151,7 +152,9 @@ class Fetcher:
             hits = index.get(name, [])
             if len(hits) > 1:
                 listed = ", ".join(str(h) for h in hits[:4])
-                raise DataError.at(self.mirror or Path("."), None, f"{what}: {len(hits)} files named {name!r} ({listed}); keep one")
+                raise DataError.at(
+                    self.mirror or Path("."), None, f"{what}: {len(hits)} files named {name!r} ({listed}); keep one"
+                )
             if hits:
                 return hits[0]
         return None

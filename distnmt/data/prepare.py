@@ -56,7 +56,7 @@ from distnmt.data.corpus import read_lines
 from distnmt.data.errors import DataError
 from distnmt.data.fetch import Fetcher, file_sha256
 from distnmt.data.sgml import read_sgml_parallel
-from distnmt.data.shards import TokenArrayWriter, ids_path, index_path, offsets_path, write_shard_index
+from distnmt.data.shards import TokenArrayWriter, ids_path, offsets_path, write_shard_index
 from distnmt.data.sources import REGISTRY, Registry
 from distnmt.data.stages import (
     CleanTask, EncodeTask, SampleTask, SpmTask, Workers, clean_shard, default_workers, encode_shard, in_child,
@@ -625,7 +625,9 @@ def prepare(
     report = _report(sources, shards, langs)
     total = report["total"]
     if total["kept"] == 0:
-        raise DataError.at(train_parts[0][1], None, f"no training pairs left after filtering {total['read']} (max_len={max_len})")
+        raise DataError.at(
+            train_parts[0][1], None, f"no training pairs left after filtering {total['read']} (max_len={max_len})"
+        )
     shard_dir = out_dir / "shards"
     for lang in langs:
         for stale in (ids_path(out_dir / f"train.{lang}"), offsets_path(out_dir / f"train.{lang}")):
@@ -643,7 +645,8 @@ def prepare(
         **counts,
     }
     config = {
-        "preset": preset, "parts": list(parts) if parts is not None else None, "train_prefix": None if registry_mode else train_prefix,
+        "preset": preset, "parts": list(parts) if parts is not None else None,
+        "train_prefix": None if registry_mode else train_prefix,
         "dev_sets": list(dev_sets) if dev_sets else None, "test_set": test_set,
         "dev_prefix": None if dev_sets else dev_prefix, "test_src": None if test_set else test_src,
         "test_ref": None if test_set else test_ref, "src_lang": src_lang, "tgt_lang": tgt_lang,

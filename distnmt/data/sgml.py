@@ -124,6 +124,7 @@ def read_sgml_parallel(src_path: Path, ref_path: Path) -> tuple[list[str], list[
         src_keys = {seg.key for seg in src}
         extra = next(seg for seg in ref if seg.key not in src_keys)
         raise DataError.at(
-            src_path, None, f"no seg id {extra.segid!r} in doc {extra.docid!r} (the reference has it at {ref_path}:{extra.line})"
+            src_path, None,
+            f"no seg id {extra.segid!r} in doc {extra.docid!r} (the reference has it at {ref_path}:{extra.line})",
         )
     return [seg.text for seg in src], [by_key[seg.key].text for seg in src]
