@@ -189,7 +189,10 @@ def expected_param_count(
     """Parameter count from the paper's formulas (biases as laid out in rnnsearch.py)."""
     ctx = 2 * h
     n = vs * e + vt * e  # embeddings
-    n += 2 * (3 * h * e + 3 * h * h + 2 * 3 * h)  # bidirectional GRU, 2 biases per gate
+    if gru == "cudnn":
+        n += 2 * (3 * h * e + 3 * h * h + 2 * 3 * h)  # bidirectional nn.GRU, 2 biases per gate
+    else:
+        n += 2 * (3 * h * e + 3 * h + 3 * h * h)  # two paper cells, 1 bias per gate
     n += h * h + h  # W_s (s_0 = tanh(W_s bwd_1))
     if attention:
         n += a * h + (a * ctx + a) + a  # W_a, U_a and b_a, v_a
@@ -216,7 +219,11 @@ def test_paper_config_parameter_count_and_shapes(gru: str, attention: bool) -> N
     assert n == expected_param_count(30000, 30000, 620, 1000, 1000, 500, attention, gru)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert shapes["src_embed.weight"] == (30000, 620)
-    assert shapes["encoder.weight_hh_l0_reverse"] == (3000, 1000)
+    if gru == "cudnn":
+        assert shapes["encoder.weight_hh_l0_reverse"] == (3000, 1000)
+    else:
+        assert shapes["encoder.bwd.input_proj.weight"] == (3000, 620)
+        assert shapes["encoder.bwd.gate_proj.weight"] == (2000, 1000)
     assert shapes["pre_output.weight"] == (1000, 1000 + 620 + 2000)
     assert shapes["output.weight"] == (30000, 500)
     if attention:
@@ -250,11 +257,12 @@ def test_paper_configs_build_the_paper_models(name: str) -> None:
     n = sum(p.numel() for p in model.parameters())
     assert n == expected_param_count(30000, 30000, 620, 1000, 1000, 500, arch == "rnnsearch", m.gru)
     if name == "rnnsearch-50.yaml":
-        assert m.gru == "paper" and n == 80_449_000  # the figure docs/MODEL.md gives
+        assert m.gru == "paper" and n == 80_443_000  # the figure docs/MODEL.md gives
 
 
-def test_rnnencdec_has_no_attention_parameters() -> None:
-    model = tiny_model(attention=False)
+@pytest.mark.parametrize("gru", ["cudnn", "paper"])
+def test_rnnencdec_has_no_attention_parameters(gru: str) -> None:
+    model = tiny_model(attention=False, gru=gru)
     names = [name for name, _ in model.named_parameters()]
     assert not any(k in name for name in names for k in ("query_proj", "key_proj", "energy"))
     src, src_len = random_batch(5, [4, 2])
@@ -273,7 +281,9 @@ def test_paper_init() -> None:
     for name, p in model.named_parameters():
         if p.dim() == 1:
             assert torch.all(p == 0), name
-    for block in model.encoder.weight_hh_l0.split(16) + model.cell.gate_proj.weight.split(16):
+    recurrent = [model.encoder.fwd.gate_proj.weight, model.encoder.bwd.candidate_proj.weight,
+                 model.cell.gate_proj.weight, tiny_model(gru="cudnn").encoder.weight_hh_l0_reverse]
+    for block in [b for w in recurrent for b in w.split(16)]:
         torch.testing.assert_close(block @ block.T, torch.eye(16), atol=1e-5, rtol=0)
     assert model.query_proj.weight.std().item() == pytest.approx(0.001, rel=0.3)
     assert model.output.weight.std().item() == pytest.approx(0.01, rel=0.3)
@@ -375,6 +385,25 @@ def test_paper_gru_cell_matches_the_paper_formula_and_differs_from_cudnn() -> No
         cell.input_proj.bias[h : 2 * h] = 100.0
         torch_cell.bias_ih[:h] = 100.0
     torch.testing.assert_close(torch_cell(x, s), cell(x, s))
+
+
+def test_paper_encoder_runs_the_paper_cell_each_way() -> None:
+    """Annotations of the paper encoder: the paper cell forward over the words, and
+    backward from each sentence's own last word (padding never read)."""
+    model = tiny_model(gru="paper")
+    src, src_len = random_batch(10, [5, 3])
+    enc = model.encode(src, src_len)
+    for b, n in enumerate(src_len.tolist()):
+        emb = model.src_embed(src[b, :n])
+        cells = {"fwd": model.encoder.fwd, "bwd": model.encoder.bwd}
+        for half, (name, order) in enumerate((("fwd", range(n)), ("bwd", range(n - 1, -1, -1)))):
+            state = torch.zeros(1, 16)
+            for t in order:
+                state = cells[name](emb[t : t + 1], state)
+                torch.testing.assert_close(enc.annotations[b, t, 16 * half : 16 * (half + 1)], state[0])
+        assert torch.all(enc.annotations[b, n:] == 0)
+    # s_0 = tanh(W_s bwd_1), from the backward half of the first annotation.
+    torch.testing.assert_close(enc.init_state, torch.tanh(model.init_proj(enc.annotations[:, 0, 16:])))
 
 
 # ------------------------------------------------------------------- search

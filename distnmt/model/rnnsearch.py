@@ -4,7 +4,8 @@ The model follows section 3 and appendix A of arXiv:1409.0473:
 
 * encoder: bidirectional GRU over source embeddings; annotation h_j = [fwd_j; bwd_j];
 * alignment model: e_ij = v_a^T tanh(W_a s_{i-1} + U_a h_j), softmax over the real
-  source positions only; U_a h_j ("keys") is computed once per batch;
+  source positions only; U_a h_j ("keys") is computed once per batch, and beam search's
+  hypotheses share their sentence's keys and annotations (no copy per hypothesis);
 * decoder: GRU with input [E y_{i-1}; c_i], initial state s_0 = tanh(W_s bwd_1);
 * deep output: t_i = maxout_2(U_o s_{i-1} + V_o E y_{i-1} + C_o c_i), then a linear
   layer to the target vocabulary.
@@ -102,12 +103,55 @@ class PaperGRUCell(nn.Module):
 
     def forward(self, x: Tensor, state: Tensor) -> Tensor:
         """One step: ``x`` [B, input_size], ``state`` [B, H] -> new state [B, H]."""
-        x_z, x_r, x_n = self.input_proj(x).chunk(3, dim=-1)
+        return self.step(self.input_proj(x), state)
+
+    def step(self, x_proj: Tensor, state: Tensor) -> Tensor:
+        """One step from the input side already projected (``input_proj(x)``, [B, 3H]).
+
+        The encoder projects a whole sentence in one matmul and then only runs this.
+        """
+        x_z, x_r, x_n = x_proj.chunk(3, dim=-1)
         h_z, h_r = self.gate_proj(state).chunk(2, dim=-1)
         z = torch.sigmoid(x_z + h_z)
         r = torch.sigmoid(x_r + h_r)
         candidate = torch.tanh(x_n + self.candidate_proj(r * state))
         return (1 - z) * state + z * candidate
+
+
+class PaperBiGRU(nn.Module):
+    """The paper's bidirectional encoder (appendix A.2.1): two :class:`PaperGRUCell`.
+
+    Reads right-padded input with a mask, one time step at a time (the reset gate
+    before U has no fused kernel). The forward cell keeps its state over padding, so
+    its final state is the one at the last real word; the backward cell starts from
+    zero at each sentence's own last word, as if there were no padding.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.fwd = PaperGRUCell(input_size, hidden_size)
+        self.bwd = PaperGRUCell(input_size, hidden_size)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` [B, S, E], ``mask`` [B, S] (True on real words) ->
+        annotations [B, S, 2H] (zero on padding), fwd at the last word [B, H], bwd_1 [B, H]."""
+        B, S, _ = x.shape
+        dtype = self.fwd.gate_proj.weight.dtype  # states stay in it under autocast, as the decoder's
+        keep = mask.unsqueeze(-1)  # [B, S, 1]
+        outputs = []
+        for cell, order in ((self.fwd, range(S)), (self.bwd, range(S - 1, -1, -1))):
+            # All S input projections in one matmul; unbind, not x[:, t]: see RNNSearch.forward.
+            x_proj = cell.input_proj(x).unbind(1)
+            state = x.new_zeros(B, self.hidden_size, dtype=dtype)
+            states: list[Tensor] = [state] * S
+            for t in order:
+                state = torch.where(keep[:, t], cell.step(x_proj[t], state).to(dtype), state)
+                states[t] = state
+            outputs.append((torch.stack(states, dim=1), state))
+        (fwd_all, fwd_last), (bwd_all, bwd_first) = outputs
+        annotations = torch.cat([fwd_all, bwd_all], dim=-1) * keep  # fwd holds its last state over padding
+        return annotations, fwd_last, bwd_first
 
 
 class RNNSearch(nn.Module):
@@ -120,9 +164,10 @@ class RNNSearch(nn.Module):
         align_size: hidden size of the alignment model (paper: 1000).
         maxout_size: deep-output units after max pooling pairs (paper: 500).
         attention: False builds RNNencdec, which has no alignment parameters at all.
-        gru: decoder cell, "cudnn" (``nn.GRUCell``, reset after the recurrent matmul)
-            or "paper" (:class:`PaperGRUCell`). The encoder is always ``nn.GRU``
-            (cuDNN semantics): it runs once per batch, and its speed matters most.
+        gru: the GRU of encoder and decoder: "cudnn" (``nn.GRU`` on packed sequences and
+            ``nn.GRUCell``: reset gate after the recurrent matmul, fused kernels) or
+            "paper" (:class:`PaperBiGRU` and :class:`PaperGRUCell`: reset gate before U,
+            exactly the paper's equations, a Python loop over source positions).
         dropout: applied to the embeddings and to the maxout output (paper: none).
         pad_id: padding id of both vocabularies.
         init: "paper" (appendix B.1) or "torch" (PyTorch defaults).
@@ -172,7 +217,10 @@ class RNNSearch(nn.Module):
         self.src_embed = nn.Embedding(src_vocab_size, embed_size, padding_idx=pad_id)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_size, padding_idx=pad_id)
         self.dropout = nn.Dropout(dropout)
-        self.encoder = nn.GRU(embed_size, hidden_size, batch_first=True, bidirectional=True)
+        if gru == "cudnn":
+            self.encoder: nn.Module = nn.GRU(embed_size, hidden_size, batch_first=True, bidirectional=True)
+        else:
+            self.encoder = PaperBiGRU(embed_size, hidden_size)
         self.init_proj = nn.Linear(hidden_size, hidden_size)  # W_s
 
         if attention:
@@ -210,11 +258,11 @@ class RNNSearch(nn.Module):
         zero v_a and biases, N(0, 0.01^2) for every other weight."""
         H = self.hidden_size
         recurrent = {
-            "encoder.weight_hh_l0",
-            "encoder.weight_hh_l0_reverse",
+            "encoder.weight_hh_l0",  # cudnn encoder, forward: [U_r; U_z; U_n]
+            "encoder.weight_hh_l0_reverse",  # cudnn encoder, backward
             "cell.weight_hh",  # cudnn cell: [U_r; U_z; U_n]
-            "cell.gate_proj.weight",  # paper cell: [U_z; U_r]
-            "cell.candidate_proj.weight",  # paper cell: U
+            *(f"{cell}.{w}.weight" for cell in ("encoder.fwd", "encoder.bwd", "cell")
+              for w in ("gate_proj", "candidate_proj")),  # paper cells: [U_z; U_r] and U
         }
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -237,7 +285,8 @@ class RNNSearch(nn.Module):
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
         """Encode right-padded ``src`` [B, S] with true lengths ``src_lengths`` [B].
 
-        Packing makes the result independent of how much padding a batch has.
+        Packing (cudnn) or masking (paper) makes the result independent of how much
+        padding a batch has.
         """
         B, S = src.shape
         lengths_cpu = src_lengths.detach().to("cpu", torch.int64)
@@ -246,12 +295,15 @@ class RNNSearch(nn.Module):
         if B and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > S):
             raise ValueError(f"source lengths must lie in [1, {S}], got {lengths_cpu.tolist()}")
         emb = self.dropout(self.src_embed(src))
-        packed = pack_padded_sequence(emb, lengths_cpu, batch_first=True, enforce_sorted=False)
-        packed_out, h_n = self.encoder(packed)
-        annotations, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=S)
-        # h_n[0] is fwd at the last real word; h_n[1] is bwd_1, the backward state at word 1.
-        fwd_last, bwd_first = h_n[0], h_n[1]
         mask = torch.arange(S, device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
+        if isinstance(self.encoder, PaperBiGRU):
+            annotations, fwd_last, bwd_first = self.encoder(emb, mask)
+        else:
+            packed = pack_padded_sequence(emb, lengths_cpu, batch_first=True, enforce_sorted=False)
+            packed_out, h_n = self.encoder(packed)
+            annotations, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=S)
+            # h_n[0] is fwd at the last real word; h_n[1] is bwd_1, the backward state at word 1.
+            fwd_last, bwd_first = h_n[0], h_n[1]
         # The decoder state is carried in the parameters' dtype (fp32 under autocast):
         # matmuls still run in bf16/fp16, but 50+ recurrent updates do not pile up rounding.
         init_state = torch.tanh(self.init_proj(bwd_first)).to(self.init_proj.weight.dtype)

@@ -1,7 +1,9 @@
 """Greedy and beam search for :class:`~distnmt.model.rnnsearch.RNNSearch`.
 
-Both decode a whole batch at once; beam search works on [B * beam] rows with tensor
-ops only (no Python loop over sentences or beams). Both leave the model's
+Both decode a whole batch at once; beam search works on [B * beam] decoder-state
+rows with tensor ops only (no Python loop over sentences or beams), while the encoded
+source stays one row per sentence that its hypotheses share (see ``RNNSearch.attend``).
+Finished sentences leave the batch, so later steps cost less. Both leave the model's
 train/eval mode alone: calling ``model.eval()`` is the caller's job.
 
 Length limit, shared by both so that beam size 1 is exactly greedy: sentence b gets
