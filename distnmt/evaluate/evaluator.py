@@ -344,6 +344,7 @@ class Evaluator:
         Safe to call again: every score is reused.
         """
         with self._lock:
+            self._catch_up()
             final = self._finalize()
             write_text_atomic(self.store.out_dir / "final.json", json.dumps(final, indent=1) + "\n")
             try:
@@ -353,6 +354,31 @@ class Evaluator:
             except Exception as err:  # W&B trouble must not fail the run's end
                 print(f"[evaluator] W&B logging failed: {type(err).__name__}: {err}", flush=True)
             return self.results()
+
+    def _catch_up(self) -> None:
+        """Score the run's checkpoints that no validation task ever handed over.
+
+        When a worker failure restarts the run, Ray Train cancels the validation
+        in flight and does not queue it again within the same run, so a reported
+        checkpoint could go unscored. Its directory is in the run directory; it is
+        scored here (or, under policy "newest", recorded as skipped for the newest).
+        """
+        on_disk = sorted(
+            (p for p in self.run_dir.glob("checkpoint_*") if (p / "meta.json").is_file()),
+            key=lambda p: int(read_meta(p)["step"]),
+        )
+        skipped = {r["checkpoint"] for r in self.store.skipped if r["split"] == self.split}
+        for path in on_disk:
+            if self._find(self.split, path.name) is not None or path.name in skipped:
+                continue
+            step = int(read_meta(path)["step"])
+            reported_at = (path / "meta.json").stat().st_mtime
+            if self.cfg.eval.policy == "newest" and path != on_disk[-1]:
+                self._skip(path.name, step, on_disk[-1].name, reported_at, str(path))
+                continue
+            print(f"[evaluator] {path.name} was reported but never handed over (validation cancelled by a "
+                  "restart?): scoring it now", flush=True)
+            self._score(path, path.name, self.split, origin="training", reported_at=reported_at)
 
     def final(self) -> dict[str, Any]:
         """The outcome of :meth:`finalize` (best, test, figures, stop reason, skipped), from eval/final.json."""

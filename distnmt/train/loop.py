@@ -130,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tgt = TokenArray(prepared / f"train.{tgt_lang}")
     sampler = BucketBatchSampler(
         src.lengths, tgt.lengths, cfg.data.max_tokens, num_replicas=world, rank=rank,
-        seed=cfg.train.seed, pool_batches=cfg.data.pool_batches,
+        seed=cfg.train.seed, pool_batches=cfg.data.pool_batches, max_sentences=cfg.data.max_sentences,
     )
     vocab_size = {
         "src": Tokenizer(prepared / f"spm.{src_lang}.model").vocab_size,
