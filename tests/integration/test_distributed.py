@@ -22,23 +22,32 @@ def _checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
-@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "bf16")])
-def test_deepspeed_zero_trains_checkpoints_and_resumes(tiny_config, tmp_path: Path, stage: int, precision: str) -> None:
+def _deepspeed(stage: int, precision: str) -> list[str]:
+    return ["train.backend=deepspeed", f"train.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json",
+            f"train.precision={precision}", "train.checkpoint_every=10", "eval.max_sentences=10"]
+
+
+def test_deepspeed_zero1_and_zero2_train_checkpoint_and_resume(tiny_config, tmp_path: Path) -> None:
     from distnmt.train.driver import run_training
 
-    ds = [f"train.backend=deepspeed", f"train.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json",
-          f"train.precision={precision}", "train.checkpoint_every=10", "eval.max_sentences=10"]
-    records = run_training(tiny_config(tmp_path, "ds", "train.max_steps=20", *ds))
-    run_dir = tmp_path / "ds"
+    # ZeRO-1, fp32: trains and writes one optimizer partition per rank.
+    run_training(tiny_config(tmp_path, "z1", "train.max_steps=10", *_deepspeed(1, "fp32")))
+    shards = sorted((tmp_path / "z1/checkpoint_00000010/deepspeed/state").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards
+
+    # ZeRO-2, bf16: trains, checkpoints, and the same command with a higher max_steps
+    # resumes through DeepSpeed's load_checkpoint.
+    ds = _deepspeed(2, "bf16")
+    records = run_training(tiny_config(tmp_path, "z2", "train.max_steps=20", *ds))
+    run_dir = tmp_path / "z2"
     assert _checkpoints(run_dir) == ["checkpoint_00000010", "checkpoint_00000020"]
     assert sorted(r["step"] for r in records) == [10, 20]
     # Each rank wrote its ZeRO partition of the optimizer state; Ray merged them.
-    shards = sorted(p.name for p in (run_dir / "checkpoint_00000020/deepspeed/state").glob("*optim_states.pt"))
+    shards = sorted((run_dir / "checkpoint_00000020/deepspeed/state").glob("*optim_states.pt"))
     assert len(shards) == 2, shards
     weights = load_checkpoint(run_dir / "checkpoint_00000020").state["model"]
 
-    # The same command with a higher max_steps resumes through DeepSpeed's load_checkpoint.
-    records = run_training(tiny_config(tmp_path, "ds", "train.max_steps=30", *ds))
+    records = run_training(tiny_config(tmp_path, "z2", "train.max_steps=30", *ds))
     assert _checkpoints(run_dir)[-1] == "checkpoint_00000030"
     assert 30 in [r["step"] for r in records]
     later = load_checkpoint(run_dir / "checkpoint_00000030").state["model"]
