@@ -51,7 +51,7 @@ class EncoderOutput:
     context: Tensor | None = None  # [B, 2H] RNNencdec only
 
     def index_select(self, idx: Tensor) -> EncoderOutput:
-        """Rows ``idx`` of the batch (reorder, drop or repeat; beam search expands with it)."""
+        """Rows ``idx`` of the batch (reorder, drop or repeat; beam search drops finished sentences)."""
 
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.index_select(0, idx)
@@ -243,7 +243,7 @@ class RNNSearch(nn.Module):
         if tie_embeddings:
             self.output.weight = self.tgt_embed.weight
         # The alignment scores through torch.compile (one fused add-tanh-dot kernel), or
-        # eager. A plain function, not a bound method: no reference cycle, still picklable.
+        # eager. A module-level function, not a bound method: no reference cycle.
         self._scores: Callable[[Tensor, Tensor, Tensor], Tensor] = _additive_scores
         if compile and attention:
             self._scores = torch.compile(_additive_scores_plain, dynamic=True)
