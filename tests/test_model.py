@@ -322,12 +322,13 @@ def test_bad_options_are_rejected() -> None:
         RNNSearch(V, V, **TINY, init="xavier")
 
 
-def test_bf16_autocast_forward_returns_float32() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # fp16: CPU autocast has it too
+def test_bf16_autocast_forward_returns_float32(dtype: torch.dtype) -> None:
     model = tiny_model(init="torch")
     src, src_len = random_batch(6, [5, 3])
     tgt = torch.tensor([[BOS, 5, 6], [BOS, 7, PAD]])
     ref = model(src, src_len, tgt)
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type="cpu", dtype=dtype):
         logits = model(src, src_len, tgt)
     assert logits.dtype == torch.float32 and logits.shape == (2, 3, V)
     torch.testing.assert_close(logits, ref, atol=0.1, rtol=0.1)
