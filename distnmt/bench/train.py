@@ -57,7 +57,7 @@ def _case(config: Path, engine: str, workers: int, precision: str, steps: int, s
 
 
 def _markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
-    rows = [f"# distnmt bench train\n", *(f"- {k}: {v}" for k, v in header.items()), "",
+    rows = ["# distnmt bench train\n", *(f"- {k}: {v}" for k, v in header.items()), "",
             "| case | engine | workers | precision | tgt tokens/s | step s | padding eff | peak RSS MiB | scaling eff |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:

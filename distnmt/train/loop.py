@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from distnmt.checkpoint import checkpoint_step, load_checkpoint, newest_valid_checkpoint, save_checkpoint
 from distnmt.config import Config, config_from_dict
-from distnmt.data.batch import Batch, collate
+from distnmt.data.batch import collate
 from distnmt.data.prepare import load_manifest
 from distnmt.data.sampler import BucketBatchSampler
 from distnmt.data.shards import TokenArray
