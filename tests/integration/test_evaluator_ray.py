@@ -18,12 +18,10 @@ import pytest
 import ray
 
 from distnmt.config import load_config
-from distnmt.data.prepare import prepare
 from distnmt.evaluate.evaluator import SLOWDOWN_ENV
 
 pytestmark = pytest.mark.integration
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "wmt14-en-fr"
 NAMESPACE = "distnmt"  # distnmt.train.driver.NAMESPACE (not imported: collecting must not need train/)
 TINY = [
     "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
@@ -33,13 +31,6 @@ TINY = [
     "eval.beam_size=2", "eval.batch_sentences=50", "eval.attention_examples=2",
     "logging.log_every=10",
 ]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(SHARED, out, vocab_size=800, max_len=30, max_train_pairs=3000, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
