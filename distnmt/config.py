@@ -109,7 +109,10 @@ class TrainConfig:
     deepspeed_config: Optional[str] = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     accumulate: int = 1
-    workers: int = 2
+    # An int: that many workers, always. [min, max]: elastic (see min_workers).
+    workers: Union[int, list[int]] = 2
+    elastic_resize_interval_s: float = 60.0
+    preemption_check_every: int = 10
     use_gpu: bool = False
     cpus_per_worker: float = 0.9
     threads_per_worker: int = 1
@@ -123,6 +126,29 @@ class TrainConfig:
     name: str = "distnmt"
     ray_address: Optional[str] = None
     log_batches: bool = False
+
+    @property
+    def elastic(self) -> bool:
+        """True for ``workers: [min, max]`` with min < max: Ray may resize the group."""
+        return isinstance(self.workers, list) and self.workers[0] != self.workers[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, list) else self.workers
+
+    def accumulate_at(self, world: int) -> int:
+        """Micro-batches per rank per step at ``world`` ranks.
+
+        ``accumulate`` is meant at ``max_workers`` ranks; a smaller group accumulates
+        more so that a step still covers ``accumulate * max_workers`` token budgets
+        (the effective batch), keeping the learning dynamics of the configured run.
+        Rounded when it does not divide (the training log says so).
+        """
+        return max(1, round(self.accumulate * self.max_workers / world))
 
 
 @dataclass
@@ -226,7 +252,15 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, where)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, where)
+        for tp_inner in inner:  # e.g. int | list[int]: the first that fits
+            try:
+                return _coerce(value, tp_inner, key, where)
+            except ConfigError:
+                pass
+        names = " or ".join(_type_name(a) for a in inner)
+        raise ConfigError(f"{where(key)}{key}: expected {names}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -338,7 +372,12 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: tuple[str, .
 def validate(cfg: Config, where: _Where = _Where()) -> None:
     """Checks that span values (ranges, combinations); raises ConfigError."""
     checks: list[tuple[bool, str, str]] = [
-        (cfg.train.workers >= 1, "train.workers", "must be at least 1"),
+        (_workers_ok(cfg.train.workers), "train.workers", "must be a number of workers >= 1, or [min, max] with 1 <= min <= max"),
+        (cfg.train.elastic_resize_interval_s >= 0, "train.elastic_resize_interval_s", "must be >= 0"),
+        (cfg.train.preemption_check_every >= 1, "train.preemption_check_every", "must be at least 1"),
+        (not (cfg.train.elastic and cfg.train.backend == "deepspeed"), "train.workers",
+         "is elastic, which needs train.backend: ddp: DeepSpeed 0.19.8 cannot load ZeRO optimizer "
+         "partitions saved by a different number of ranks (see docs/ELASTIC.md)"),
         (cfg.train.threads_per_worker >= 1, "train.threads_per_worker", "must be at least 1"),
         (cfg.train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive"),
         (cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
@@ -378,6 +417,12 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         if not ok:
             value = _lookup(cfg, key)
             raise ConfigError(f"{where(key)}{key}: {value!r} {message}")
+
+
+def _workers_ok(workers: Union[int, list[int]]) -> bool:
+    if isinstance(workers, int):
+        return workers >= 1
+    return len(workers) == 2 and 1 <= workers[0] <= workers[1]
 
 
 def _lookup(cfg: Config, key: str) -> Any:

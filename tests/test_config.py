@@ -75,11 +75,11 @@ def test_unknown_section(tmp_path: Path) -> None:
 
 def test_wrong_type_in_file(tmp_path: Path) -> None:
     message = _error(tmp_path, "train:\n  workers: two\n")
-    assert message.endswith("exp.yaml:2: train.workers: expected int, got str 'two'")
+    assert message.endswith("exp.yaml:2: train.workers: expected int or list, got str 'two'")
 
 
 def test_bool_is_not_an_int(tmp_path: Path) -> None:
-    assert "train.workers: expected int, got bool True" in _error(tmp_path, "train:\n  workers: true\n")
+    assert "train.workers: expected int or list, got bool True" in _error(tmp_path, "train:\n  workers: true\n")
 
 
 def test_bad_choice(tmp_path: Path) -> None:
@@ -94,7 +94,11 @@ def test_override_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_impossible_values(tmp_path: Path) -> None:
-    assert "train.workers: 0 must be at least 1" in _error(tmp_path, "train:\n  workers: 0\n")
+    assert "train.workers: 0 must be a number of workers >= 1, or [min, max]" in _error(tmp_path, "train:\n  workers: 0\n")
+    assert "train.workers: [2, 1] must be a number of workers >= 1, or [min, max]" in _error(tmp_path, "train:\n  workers: [2, 1]\n")
+    assert "train.workers: [1, 2, 4] must be" in _error(tmp_path, "train:\n  workers: [1, 2, 4]\n")
+    ds = ["train.backend=deepspeed", "train.deepspeed_config=configs/deepspeed/zero1.json"]
+    assert "train.workers: [1, 2] is elastic, which needs train.backend: ddp" in _error(tmp_path, None, [*ds, "train.workers=[1,2]"])
     assert "data.max_tokens: 20 must be at least data.max_len + 1 = 51" in _error(tmp_path, "data:\n  max_tokens: 20\n")
     assert "fp16 needs a GPU" in _error(tmp_path, "train:\n  precision: fp16\n")
 
@@ -107,3 +111,15 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_elastic_workers_keep_the_effective_batch() -> None:
+    """workers: [min, max]: accumulate is meant at max workers; fewer accumulate more."""
+    cfg = load_config(None, ["train.workers=[1, 4]", "train.accumulate=2"]).train
+    assert (cfg.elastic, cfg.min_workers, cfg.max_workers) == (True, 1, 4)
+    assert [cfg.accumulate_at(w) * w for w in (1, 2, 4)] == [8, 8, 8]  # token budgets per step
+    assert cfg.accumulate_at(3) == 3  # 8/3 cannot be kept exactly: the nearest (9); the log says so
+    fixed = load_config(None, ["train.workers=3"]).train
+    assert (fixed.elastic, fixed.min_workers, fixed.max_workers, fixed.accumulate_at(3)) == (False, 3, 3, 1)
+    same = load_config(None, ["train.workers=[2, 2]"]).train
+    assert not same.elastic and same.max_workers == 2

@@ -15,10 +15,9 @@ batch list independently (no communication) and takes its own slice of it:
    stays within ``max_tokens`` and, if given, at most ``max_sentences`` pairs (the
    paper's batches are 80 sentences);
 4. shuffle the batch list, so lengths are mixed over the epoch;
-5. drop the last ``len % num_replicas`` batches (fewer than ``num_replicas``; they
-   are random batches, different every epoch, so no pair is left out for good)
-   so every rank gets the same number of batches, which DDP needs to not hang;
-   rank r takes batches r, r + W, r + 2W, ...
+5. split the last ``len % num_replicas`` batches into ``num_replicas`` smaller
+   ones, so every rank gets the same number of batches (which DDP needs to not
+   hang) and no pair is left out; rank r takes batches r, r + W, r + 2W, ...
 
 Resuming: ``state_dict()`` records how many batches each rank has yielded in the
 current epoch; a new sampler given that state skips exactly those batches, and
@@ -27,10 +26,10 @@ the rest of the epoch is what an uninterrupted run would have seen.
 Resuming with a different number of workers W' (a cluster that lost or gained
 nodes): the global batch list does not depend on the world size, and after
 ``position`` batches per rank the first ``position * W`` global batches are done.
-The new ranks share out the remaining global batches round-robin (again dropping
-fewer than W' at the end so counts stay equal). Every pair is still seen at most
-once in that epoch, and all but the last few dropped batches are seen; from the
-next epoch on, batches are exactly those of a run started with W' workers.
+The new ranks share out the remaining global batches round-robin (again
+splitting the last few so counts stay equal). Every pair of the epoch is still
+trained on exactly once, for any sequence of world sizes (elastic training); from
+the next epoch on, batches are exactly those of a run started with W' workers.
 
 This sampler is the whole data-loading contract with Ray Train: the training loop
 iterates it and collates batches itself, and must not pass a DataLoader through
@@ -105,9 +104,11 @@ class BucketBatchSampler:
                 per_batch = min(per_batch, max_sentences)
             self._pool_size = self.pool_batches * per_batch
         self.epoch = 0
-        self.position = 0  # batches this rank has handed out since `start`
-        self.start = 0     # global batches of this epoch done before this world size took over
+        self.position = 0  # batches this rank has handed out at this world size
+        # Earlier world sizes in this epoch: [(replicas, steps each rank took)], oldest first.
+        self.history: list[tuple[int, int]] = []
         self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._split_cache: tuple[Any, tuple[list[np.ndarray], list[np.ndarray]]] | None = None
 
     # ---- the epoch's batches -------------------------------------------------
 
@@ -118,15 +119,26 @@ class BucketBatchSampler:
         return self._cache[1]
 
     def _split(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(kept, dropped) batches from ``start`` on: kept is a multiple of num_replicas."""
-        rest = self._all_batches()[self.start:]
-        keep = len(rest) - len(rest) % self.num_replicas
-        if keep == 0 and self.start == 0:
-            raise DataError(
-                f"only {len(rest)} batch(es) of {self.max_tokens} tokens for {self.num_replicas} replicas; "
-                "lower max_tokens or use fewer workers"
-            )
-        return rest[:keep], rest[keep:]
+        """(kept, dropped) batches left for this world size; kept is a multiple of num_replicas.
+
+        Replays the epoch's earlier world sizes (``history``): each took its share of
+        what was left, and the rest passes on. Cached, as every rank asks often.
+        """
+        key = (self.epoch, tuple(self.history), self.num_replicas)
+        if self._split_cache is None or self._split_cache[0] != key:
+            rest = self._all_batches()
+            for replicas, steps in self.history:
+                kept, _ = _divide(rest, replicas)
+                if kept:  # else those ranks could take nothing: the rest passes on whole
+                    rest = kept[steps * replicas:]
+            kept, dropped = _divide(rest, self.num_replicas)
+            if not kept and not self.history and rest:
+                raise DataError(
+                    f"only {sum(len(b) for b in rest)} pair(s) in {len(rest)} batch(es) of {self.max_tokens} tokens "
+                    f"for {self.num_replicas} replicas; lower max_tokens or use fewer workers"
+                )
+            self._split_cache = (key, (kept, dropped))
+        return self._split_cache[1]
 
     def _build(self, epoch: int) -> list[np.ndarray]:
         n = len(self._cost)
@@ -190,7 +202,7 @@ class BucketBatchSampler:
         if epoch != self.epoch:
             self.epoch = int(epoch)
             self.position = 0
-            self.start = 0
+            self.history = []
 
     def _my_batches(self) -> list[np.ndarray]:
         kept, _ = self._split()
@@ -226,7 +238,7 @@ class BucketBatchSampler:
         return {
             "epoch": self.epoch,
             "position": self.position,
-            "start": self.start,
+            "history": [list(h) for h in self.history],
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "max_tokens": self.max_tokens,
@@ -250,14 +262,14 @@ class BucketBatchSampler:
                     "its batches would differ from the ones already trained on, so it cannot resume exactly"
                 )
         self.epoch = int(state["epoch"])
-        start, position, replicas = int(state.get("start", 0)), int(state["position"]), int(state["num_replicas"])
+        position, replicas = int(state["position"]), int(state["num_replicas"])
+        history = [(int(w), int(p)) for w, p in state.get("history", [])]
+        if state.get("start"):  # a state from before `history`: one rank had done `start` batches
+            history = [(1, int(state["start"])), *history]
         if replicas != self.num_replicas:
-            # The first start + position * replicas global batches are done; share out the rest.
-            start, position = start + position * replicas, 0
-        self.start, self.position = start, 0
-        total = len(self._all_batches())
-        if not 0 <= start <= total:
-            raise ValueError(f"sampler state start {start} is outside epoch {self.epoch}'s {total} batches")
+            # The old ranks' share of the epoch ends here; the new ones share out the rest.
+            history, position = [*history, (replicas, position)], 0
+        self.history, self.position = history, 0
         if not 0 <= position <= len(self):
             raise ValueError(f"sampler state position {position} is outside epoch {self.epoch}'s {len(self)} batches")
         self.position = position
@@ -271,3 +283,31 @@ class BucketBatchSampler:
             real += int(src.sum() + tgt.sum())
             padded += len(b) * int(src.max() + tgt.max())
         return real / padded
+
+
+def _divide(batches: list[np.ndarray], parts: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(kept, dropped): ``batches`` made a multiple of ``parts`` long, for round-robin ranks.
+
+    The last ``len % parts`` batches would leave some ranks without a batch for the
+    final step; they are cut into ``parts`` smaller batches instead (halving the
+    largest: a batch is sorted by length, so each half keeps like with like, and
+    half a batch never costs more tokens than the whole). When they hold fewer
+    pairs than ``parts``, the round before them joins in, and so on. Only when all
+    of ``batches`` holds fewer pairs than ``parts`` is anything dropped.
+    """
+    tail = len(batches) % parts
+    if tail == 0:
+        return list(batches), []
+    cut = len(batches) - tail
+    while cut >= 0:
+        region = batches[cut:]
+        want = len(region) + parts - tail  # the next multiple of parts
+        if sum(len(b) for b in region) >= want:
+            pieces = list(region)
+            while len(pieces) < want:
+                i = max(range(len(pieces)), key=lambda j: len(pieces[j]))  # first largest: deterministic
+                half = (len(pieces[i]) + 1) // 2
+                pieces[i:i + 1] = [pieces[i][:half], pieces[i][half:]]
+            return list(batches[:cut]) + pieces, []
+        cut -= parts
+    return [], list(batches)
