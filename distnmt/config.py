@@ -375,9 +375,6 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (_workers_ok(cfg.train.workers), "train.workers", "must be a number of workers >= 1, or [min, max] with 1 <= min <= max"),
         (cfg.train.elastic_resize_interval_s >= 0, "train.elastic_resize_interval_s", "must be >= 0"),
         (cfg.train.preemption_check_every >= 1, "train.preemption_check_every", "must be at least 1"),
-        (not (cfg.train.elastic and cfg.train.backend == "deepspeed"), "train.workers",
-         "is elastic, which needs train.backend: ddp: DeepSpeed 0.19.8 cannot load ZeRO optimizer "
-         "partitions saved by a different number of ranks (see docs/ELASTIC.md)"),
         (cfg.train.threads_per_worker >= 1, "train.threads_per_worker", "must be at least 1"),
         (cfg.train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive"),
         (cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),

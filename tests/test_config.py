@@ -97,8 +97,19 @@ def test_impossible_values(tmp_path: Path) -> None:
     assert "train.workers: 0 must be a number of workers >= 1, or [min, max]" in _error(tmp_path, "train:\n  workers: 0\n")
     assert "train.workers: [2, 1] must be a number of workers >= 1, or [min, max]" in _error(tmp_path, "train:\n  workers: [2, 1]\n")
     assert "train.workers: [1, 2, 4] must be" in _error(tmp_path, "train:\n  workers: [1, 2, 4]\n")
-    ds = ["train.backend=deepspeed", "train.deepspeed_config=configs/deepspeed/zero1.json"]
-    assert "train.workers: [1, 2] is elastic, which needs train.backend: ddp" in _error(tmp_path, None, [*ds, "train.workers=[1,2]"])
+
+
+def test_elastic_zero3_is_refused_up_front(tmp_path: Path) -> None:
+    """ZeRO-1/2 state is re-sharded through a universal checkpoint; ZeRO-3's is not tested, so refused."""
+    from distnmt.train.driver import check_elastic
+
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text('{"zero_optimization": {"stage": 3}}')
+    ds = ["train.backend=deepspeed", "train.workers=[1,2]"]
+    with pytest.raises(ConfigError, match=r"train.workers: \[1, 2\] is elastic but .*zero3.json is ZeRO-3"):
+        check_elastic(load_config(None, [*ds, f"train.deepspeed_config={zero3}"]))
+    check_elastic(load_config(None, [*ds, f"train.deepspeed_config={Path(__file__).resolve().parents[1]}/configs/deepspeed/zero2.json"]))  # accepted
+    check_elastic(load_config(None, ["train.backend=deepspeed", "train.workers=2", f"train.deepspeed_config={zero3}"]))
     assert "data.max_tokens: 20 must be at least data.max_len + 1 = 51" in _error(tmp_path, "data:\n  max_tokens: 20\n")
     assert "fp16 needs a GPU" in _error(tmp_path, "train:\n  precision: fp16\n")
 

@@ -29,6 +29,7 @@ from distnmt.config import Config, ConfigError
 from distnmt.data.prepare import load_manifest
 from distnmt.evaluate.evaluator import Evaluator
 from distnmt.evaluate.hook import score_with_evaluator
+from distnmt.train.engine import zero_stage
 from distnmt.train.loop import train_loop_per_worker
 
 NAMESPACE = "distnmt"
@@ -49,6 +50,15 @@ def resolve_paths(cfg: Config) -> Config:
     storage = str(Path(storage).resolve())
     train = dataclasses.replace(cfg.train, storage_path=storage)
     return dataclasses.replace(cfg, data=data, train=train)
+
+
+def check_elastic(cfg: Config) -> None:
+    """Elastic DeepSpeed re-shards ZeRO-1/2 state (train/reshard.py); ZeRO-3 is refused up front."""
+    if cfg.train.elastic and zero_stage(cfg) == 3:
+        raise ConfigError(
+            f"train.workers: {cfg.train.workers} is elastic but {cfg.train.deepspeed_config} is ZeRO-3: "
+            "a changing world size is supported with ZeRO-0/1/2 and DDP only (docs/ELASTIC.md)"
+        )
 
 
 def init_ray(cfg: Config) -> bool:
@@ -90,7 +100,14 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "evaluator": evaluator_name, "namespace": NAMESPACE},
-        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            # [min, max]: Ray's elastic policy starts with what the cluster can hold (at
+            # least min), restarts on fewer workers when a node is lost, and grows the
+            # group every elastic_resize_interval_s when more fit (docs/ELASTIC.md).
+            num_workers=(cfg.train.min_workers, cfg.train.max_workers) if cfg.train.elastic else cfg.train.max_workers,
+            elastic_resize_monitor_interval_s=cfg.train.elastic_resize_interval_s,
+            use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
+        ),
         run_config=RunConfig(
             name=cfg.train.name,
             storage_path=cfg.train.storage_path,
@@ -114,6 +131,7 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     """Train, have every checkpoint scored, print the final BLEU line; return the scores."""
     cfg = resolve_paths(cfg)
     load_manifest(Path(cfg.data.prepared_dir))  # fail here, clearly, if `prepare` was not run
+    check_elastic(cfg)
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     started = time.time()
     owns_ray = init_ray(cfg)

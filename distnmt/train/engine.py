@@ -199,12 +199,18 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
 class DeepSpeedEngine(Engine):
     """deepspeed.initialize on Ray's process group; ZeRO 0-3, bf16 or fp16 from the JSON + YAML."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device,
+                 universal: Optional[Path] = None) -> None:
         import deepspeed  # late: importing it probes accelerators and takes seconds
 
         self.cfg = cfg
         self.device = device
         self.ds_config = deepspeed_config(cfg, _world())
+        # A checkpoint from another world size, converted (train/reshard.py): DeepSpeed
+        # must know at initialize() to re-partition it on load.
+        self.universal = universal
+        if universal is not None:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         optimizer = build_optimizer(model.parameters(), cfg.optim)  # a torch optimizer: no op compilation
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -245,16 +251,25 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(directory / DEEPSPEED_SUBDIR), tag=DEEPSPEED_TAG)
 
     def load(self, state: dict[str, Any], directory: Path) -> None:
+        source = self.universal if self.universal is not None else directory / DEEPSPEED_SUBDIR
         path, _ = self.engine.load_checkpoint(
-            str(directory / DEEPSPEED_SUBDIR), tag=DEEPSPEED_TAG,
+            str(source), tag=DEEPSPEED_TAG,
             load_optimizer_states=True, load_lr_scheduler_states=True,
         )
         if path is None:
-            raise RuntimeError(f"{directory / DEEPSPEED_SUBDIR}: DeepSpeed found no checkpoint to load")
+            raise RuntimeError(f"{source}: DeepSpeed found no checkpoint to load")
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device, wrap: Optional[Any] = None) -> Engine:
-    """The engine train.backend names."""
+def zero_stage(cfg: Config) -> int:
+    """The ZeRO stage of train.deepspeed_config (0 for DDP)."""
+    if cfg.train.backend != "deepspeed":
+        return 0
+    return int(deepspeed_config(cfg, 1).get("zero_optimization", {}).get("stage", 0))
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device, wrap: Optional[Any] = None,
+                 universal: Optional[Path] = None) -> Engine:
+    """The engine train.backend names; ``universal``: DeepSpeed state to load from another world size."""
     if cfg.train.backend == "deepspeed":
-        return DeepSpeedEngine(cfg, model, device)
+        return DeepSpeedEngine(cfg, model, device, universal)
     return DDPEngine(cfg, model, device, wrap or (lambda m: torch.nn.parallel.DistributedDataParallel(m)))

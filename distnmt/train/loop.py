@@ -11,6 +11,7 @@ epoch, the sampler's position and every rank's RNG states.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -38,7 +39,8 @@ from distnmt.data.shards import TokenArray
 from distnmt.data.tokenizer import PAD_ID, Tokenizer
 from distnmt.evaluate.translator import SRC_SPM, TGT_SPM
 from distnmt.model.build import build_model
-from distnmt.train.engine import Engine, StepStats, build_engine
+from distnmt.train.engine import DEEPSPEED_SUBDIR, DEEPSPEED_TAG, Engine, StepStats, build_engine, zero_stage
+from distnmt.train.reshard import remove_universal, universal_for
 from distnmt.train.wandb_run import start_wandb
 
 RNG_DIR = "rng"
@@ -137,17 +139,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "tgt": Tokenizer(prepared / f"spm.{tgt_lang}.model").vocab_size,
     }
 
+    saved_cfg = cfg  # what checkpoints record: the run's config, not this world size's
+    cfg = _at_world_size(cfg, world)
+    resume = _resume_source(ray.train.get_checkpoint(), cfg, run_dir, rank)
+    # ZeRO partitions written by another number of ranks: a universal copy to load.
+    universal = (universal_for(Path(resume.path), DEEPSPEED_SUBDIR, DEEPSPEED_TAG, zero_stage(cfg), world,
+                               run_dir, rank, say=_say if rank == 0 else lambda _: None)
+                 if resume is not None and cfg.train.backend == "deepspeed" else None)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model, vocab_size["src"], vocab_size["tgt"], pad_id=PAD_ID).to(device)
-    engine = build_engine(cfg, model, device, wrap=ray.train.torch.prepare_model)
+    engine = build_engine(cfg, model, device, wrap=ray.train.torch.prepare_model, universal=universal)
     step, epoch = 0, 0
     wandb_id: Optional[str] = None
 
-    resume = _resume_source(ray.train.get_checkpoint(), cfg, run_dir, rank)
     if resume is not None:
         with resume.as_directory() as directory:
             ckpt = load_checkpoint(Path(directory), map_location=device)
             engine.load(ckpt.state, Path(directory))
+            remove_universal(universal, rank)
             rng_file = Path(directory) / RNG_DIR / f"rank{rank}.pt"
             if rng_file.exists():  # absent when resuming on more ranks than were saved
                 _set_rng_state(torch.load(rng_file, weights_only=True))
@@ -156,6 +165,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wandb_id = ckpt.meta.get("wandb_run_id")
         if rank == 0:
             _say(f"[train] resumed from {Path(directory).name} at step {step}, epoch {epoch}")
+            saved_world = int(ckpt.meta.get("world_size", world))
+            if saved_world != world:
+                _say(f"[train] world size {saved_world} -> {world}: the rest of epoch {epoch} is re-sharded over "
+                     f"{world} rank(s) ({len(sampler) - sampler.position} batches each), nothing trained twice "
+                     "but the steps since the checkpoint")
     else:
         sampler.set_epoch(epoch)
 
@@ -170,9 +184,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"{len(sampler)} batches per rank per epoch, padding efficiency {sampler.padding_efficiency():.3f}, "
             f"precision {cfg.train.precision}, accumulate {cfg.train.accumulate}"
         )
+        if saved_cfg.train.elastic or world != saved_cfg.train.max_workers:
+            _say(_effective_batch_line(saved_cfg, world))
 
     meter = _Meter()
     stop_reason: Optional[str] = None
+    preempted = False  # a just-in-time checkpoint is written once per preemption notice
     while step < cfg.train.max_steps and epoch < cfg.train.max_epochs and not stop_reason:
         for group in _step_batches(sampler, cfg.train.accumulate):
             batches = [collate(src, tgt, indices).to(device) for indices in group]
@@ -189,10 +206,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 meter.reset()
                 if rank == 0:
                     left = (len(sampler) - sampler.position) / cfg.train.accumulate
-                    _log(step, epoch, cfg, metrics, stats, left * metrics["step_time_s"], wandb_run,
-                         run_dir / "metrics.jsonl")
-            if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps:
-                _checkpoint_and_report(cfg, engine, sampler, step, epoch, rank, world, manifest, vocab_size,
+                    _log(step, epoch, cfg, metrics | {"world_size": world, "accumulate": cfg.train.accumulate},
+                         stats, left * metrics["step_time_s"], wandb_run, run_dir / "metrics.jsonl")
+            checkpoint_now = step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps
+            if not preempted and step % cfg.train.preemption_check_every == 0:
+                preempted = _preemption_notice(rank, step)  # a barrier: every rank asks at the same steps
+                checkpoint_now |= preempted
+            if checkpoint_now:
+                _checkpoint_and_report(saved_cfg, engine, sampler, step, epoch, rank, world, manifest, vocab_size,
                                        wandb_run.id if wandb_run is not None else wandb_id)
                 stop_reason = _stop_requested(loop_config, rank)
             if step >= cfg.train.max_steps or stop_reason:
@@ -206,6 +227,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batch_log.close()
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def _at_world_size(cfg: Config, world: int) -> Config:
+    """The config as this worker group runs it: ``train.accumulate`` for ``world`` ranks.
+
+    ``accumulate`` is meant at ``max_workers`` ranks (see TrainConfig.accumulate_at);
+    an elastic group that lost workers accumulates more, so an optimizer step still
+    covers the configured token budget and the learning dynamics stay the same.
+    """
+    train = dataclasses.replace(cfg.train, accumulate=cfg.train.accumulate_at(world))
+    return dataclasses.replace(cfg, train=train)
+
+
+def _effective_batch_line(cfg: Config, world: int) -> str:
+    """The log line that says how the effective batch was kept at this world size."""
+    want = cfg.train.accumulate * cfg.train.max_workers * cfg.data.max_tokens
+    acc = cfg.train.accumulate_at(world)
+    have = acc * world * cfg.data.max_tokens
+    how = "the configured effective batch" if have == want else f"not the configured {want}: {world} does not divide it"
+    return (f"[train] world size {world} of {cfg.train.min_workers}-{cfg.train.max_workers}: accumulating {acc} "
+            f"micro-batch(es) per rank per step = {have} tokens per step, {how}")
+
+
+def _preemption_notice(rank: int, step: int) -> bool:
+    """Whether Ray reports a node of this run as being preempted (drained).
+
+    ``ray.train.get_preemption_info`` is a barrier across the workers, so every rank
+    calls it at the same steps. A spot node's shutdown hook (launch/preempt-node.sh)
+    drains it with a deadline; the caller then writes a checkpoint at once, and when
+    the node goes, Ray restarts the group on what is left (elastic) from that step.
+    """
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    if rank == 0:
+        left = "" if info.deadline_ms is None else f", {info.deadline_ms / 1000 - time.time():.0f} s before it goes"
+        _say(f"[train] preemption notice for rank(s) {info.preempted_ranks}{left}: checkpointing at step {step}")
+    return True
 
 
 def _resume_source(reported: Optional[ray.train.Checkpoint], cfg: Config, run_dir: Path,
@@ -271,7 +330,7 @@ def _log(step: int, epoch: int, cfg: Config, metrics: dict[str, float], last: St
         f"[train] step {step}/{cfg.train.max_steps} epoch {epoch} | loss {metrics['loss']:.3f} "
         f"| ppl {metrics['ppl']:.1f} | {metrics['tokens_per_s']:.0f} tgt tok/s "
         f"| padding eff {metrics['target_padding_efficiency']:.3f} | lr {last.lr:.2e} "
-        f"| grad norm {last.grad_norm:.2f} | epoch ETA {eta_s / 60:.1f} min"
+        f"| grad norm {last.grad_norm:.2f} | {metrics['world_size']} worker(s) | epoch ETA {eta_s / 60:.1f} min"
     )
     if wandb_run is not None:
         record = {f"train/{k}": v for k, v in metrics.items()}

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
 from distnmt.config import Config, load_config
 from distnmt.data.prepare import prepare
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else "python3"
 
 # A model small enough that a 2-worker Ray run takes seconds per hundred steps.
 TINY = [
@@ -30,6 +39,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Pat
 
 
 @pytest.fixture
+def tiny_overrides(prepared: Path) -> list[str]:
+    """TINY as ``--set`` items for a ``distnmt train`` subprocess, on ``prepared``."""
+    return [*TINY, f"data.prepared_dir={prepared}"]
+
+
+@pytest.fixture
 def tiny_config(prepared: Path) -> Callable[..., Config]:
     """``tiny_config(storage, name, *overrides)``: the tiny config on ``prepared``, run dir storage/name."""
 
@@ -38,3 +53,50 @@ def tiny_config(prepared: Path) -> Callable[..., Config]:
                                   f"train.name={name}", *overrides])
 
     return make
+
+
+def run_command(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclasses.dataclass
+class RayNodes:
+    """A local multi-node Ray cluster of launch/start-head.sh + add-node.sh."""
+
+    state: Path             # DISTNMT_RAY_STATE: cluster.env, node-N temp dirs
+    env: dict[str, str]     # what a driver needs: RAY_ADDRESS, the API server, token auth
+    python: str = PYTHON
+
+    def run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return run_command(args, self.env, timeout)
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[RayNodes]:
+    """Head (1 CPU) + one more node (1 CPU), stopped by process id afterwards."""
+    state = Path(tempfile.mkdtemp(prefix="dnt-", dir="/tmp")) / "s"  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}}
+    env.update(DISTNMT_RAY_STATE=str(state), WANDB_MODE="offline", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    marker = ""
+    try:
+        head = run_command([str(LAUNCH / "start-head.sh"), "--num-cpus", "1"], env, 180)
+        assert head.returncode == 0, head.stderr
+        marker = dict(l.split("=", 1) for l in (state / "cluster.env").read_text().splitlines())["DISTNMT_RAY_CLUSTER"]
+        node = run_command([str(LAUNCH / "add-node.sh"), "--num-cpus", "1"], env, 180)
+        assert node.returncode == 0, node.stderr
+        # What `eval "$(launch/ray-env.sh)"` gives a user's shell: address and token auth.
+        exports = run_command([str(LAUNCH / "ray-env.sh")], env, 60)
+        assert exports.returncode == 0, exports.stderr
+        driver_env = dict(env)
+        for line in exports.stdout.splitlines():
+            name, value = line.removeprefix("export ").split("=", 1)
+            driver_env[name] = value
+        yield RayNodes(state, driver_env)
+    finally:
+        stopped = run_command([str(LAUNCH / "stop-head.sh")], env, 120)
+        left = run_command([PYTHON, str(LAUNCH / "localray.py"), "pids", "--marker", marker, "--temp-dir", f"{state}/"],
+                    env, 60).stdout.split() if marker else []
+        shutil.rmtree(state.parent, ignore_errors=True)
+        assert stopped.returncode == 0, stopped.stderr
+        assert left == [], f"processes of the test's Ray nodes still alive: {left}"

@@ -34,6 +34,16 @@ def test_deepspeed_zero1_and_zero2_train_checkpoint_and_resume(tiny_config, tmp_
     run_training(tiny_config(tmp_path, "z1", "train.max_steps=10", *_deepspeed(1, "fp32")))
     shards = sorted((tmp_path / "z1/checkpoint_00000010/deepspeed/state").glob("*optim_states.pt"))
     assert len(shards) == 2, shards
+    # The same run resumed on 1 worker (elastic: a node lost): the 2 partitions are
+    # converted to a universal checkpoint and re-partitioned, Adam's state included.
+    run_training(tiny_config(tmp_path, "z1", "train.max_steps=20", "train.workers=1", *_deepspeed(1, "fp32")))
+    shards = sorted((tmp_path / "z1/checkpoint_00000020/deepspeed/state").glob("*optim_states.pt"))
+    assert len(shards) == 1, shards
+    adam = torch.load(shards[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]  # our own file
+    state = adam["base_optimizer_state"]
+    state = state["state"] if isinstance(state, dict) else state
+    assert int(state[0]["step"]) == 20  # 10 steps before the resize + 10 after: the moments were carried over
+    assert not (tmp_path / "z1/universal").exists() or not any((tmp_path / "z1/universal").iterdir())
 
     # ZeRO-2, bf16: trains, checkpoints, and the same command with a higher max_steps
     # resumes through DeepSpeed's load_checkpoint.

@@ -10,23 +10,13 @@ process id in teardown, and none of their processes may be left."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from distnmt.data.prepare import prepare
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-LAUNCH = REPO / "launch"
-SHARED = REPO.parent / "shared" / "data" / "wmt14-en-fr"
-PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else "python3"
 TINY = [
     "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
     "data.max_len=30", "data.max_tokens=600", "data.vocab_size=800",
@@ -38,50 +28,13 @@ TINY = [
 ]
 
 
-def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def two_nodes() -> Iterator[tuple[Path, dict[str, str]]]:
-    """Head (1 CPU) + one more node (1 CPU); yields the state dir and the env a driver needs."""
-    state = Path(tempfile.mkdtemp(prefix="dnt-", dir="/tmp")) / "s"  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}}
-    env.update(DISTNMT_RAY_STATE=str(state), WANDB_MODE="offline", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    marker = ""
-    try:
-        head = _run([str(LAUNCH / "start-head.sh"), "--num-cpus", "1"], env, 180)
-        assert head.returncode == 0, head.stderr
-        marker = dict(l.split("=", 1) for l in (state / "cluster.env").read_text().splitlines())["DISTNMT_RAY_CLUSTER"]
-        node = _run([str(LAUNCH / "add-node.sh"), "--num-cpus", "1"], env, 180)
-        assert node.returncode == 0, node.stderr
-        # What `eval "$(launch/ray-env.sh)"` gives a user's shell: address and token auth.
-        exports = _run([str(LAUNCH / "ray-env.sh")], env, 60)
-        assert exports.returncode == 0, exports.stderr
-        driver_env = dict(env)
-        for line in exports.stdout.splitlines():
-            name, value = line.removeprefix("export ").split("=", 1)
-            driver_env[name] = value
-        yield state, driver_env
-    finally:
-        stopped = _run([str(LAUNCH / "stop-head.sh")], env, 120)
-        left = _run([PYTHON, str(LAUNCH / "localray.py"), "pids", "--marker", marker, "--temp-dir", f"{state}/"],
-                    env, 60).stdout.split() if marker else []
-        shutil.rmtree(state.parent, ignore_errors=True)
-        assert stopped.returncode == 0, stopped.stderr
-        assert left == [], f"processes of the test's Ray nodes still alive: {left}"
-
-
-def test_workers_on_both_nodes(two_nodes: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
-    state, env = two_nodes
-    prepared = tmp_path / "prepared"
-    prepare(SHARED, prepared, vocab_size=800, max_len=30, max_train_pairs=3000, progress=False)
+def test_workers_on_both_nodes(two_nodes, prepared: Path, tmp_path: Path) -> None:
+    env = two_nodes.env
     overrides = TINY + [f"data.prepared_dir={prepared}", f"train.storage_path={tmp_path / 'runs'}", "train.name=mn"]
-    train = _run(
-        [PYTHON, "-m", "distnmt.cli", "train", "--address", env["RAY_ADDRESS"],
+    train = two_nodes.run(
+        [two_nodes.python, "-m", "distnmt.cli", "train", "--address", env["RAY_ADDRESS"],
          *[arg for item in overrides for arg in ("--set", item)]],
-        env, 300,
+        300,
     )
     output = train.stdout + train.stderr
     assert train.returncode == 0, output[-4000:]
@@ -101,7 +54,7 @@ def test_workers_on_both_nodes(two_nodes: tuple[Path, dict[str, str]], tmp_path:
         "nodes = list_nodes(address=a, filters=[('state', '=', 'ALIVE')])\n"
         "print(json.dumps({'workers': [w.node_id for w in workers], 'nodes': [n.node_id for n in nodes]}))"
     )
-    placed = _run([PYTHON, "-c", code], env, 60)
+    placed = two_nodes.run([two_nodes.python, "-c", code], 60)
     assert placed.returncode == 0, placed.stderr[-2000:]
     where = json.loads(placed.stdout.strip().splitlines()[-1])
     assert len(where["nodes"]) == 2

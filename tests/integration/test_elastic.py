@@ -1,0 +1,145 @@
+"""Elastic training on a real two-node Ray cluster on this machine (launch/start-head.sh
++ add-node.sh, one CPU each; a worker asks 0.8 CPU, so one worker per node).
+
+A run with ``train.workers: [1, 2]`` starts on 2 workers. Node 1 is then preempted
+the way a spot instance is: launch/preempt-node.sh drains it with a deadline, the
+workers see the notice and write a checkpoint at once, and after the deadline the
+node's processes are killed. Ray Train restarts the group on the 1 worker left,
+which resumes from that checkpoint and accumulates 2 micro-batches per step to
+keep the effective batch. A new node joins; Ray grows the group back to 2 workers
+(again from the newest checkpoint), and the run finishes. The batch logs show
+every pair of each epoch trained on, and trained twice only in redone steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from distnmt.data.shards import TokenArray
+
+pytestmark = pytest.mark.integration
+
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+
+CHECKPOINT_EVERY = 25
+
+
+def _wait(what: str, done: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Poll ``done`` until it holds; fail with the run's log if it never does or the run ends."""
+    deadline = time.time() + timeout
+    while not done():
+        if proc.poll() is not None or time.time() > deadline:
+            tail = log.read_text(errors="replace")[-5000:]
+            pytest.fail(f"{what}: not seen (run exit code {proc.poll()}); log tail:\n{tail}")
+        time.sleep(0.5)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if (p / "meta.json").exists())
+
+
+def _worker_node(nodes) -> str:
+    """The id of the node that is not the head (the one add-node.sh started)."""
+    code = ("import os; from ray.util.state import list_nodes\n"
+            "print([n.node_id for n in list_nodes(address=os.environ['RAY_API_SERVER_ADDRESS'], "
+            "filters=[('state', '=', 'ALIVE')]) if not n.is_head_node][0])")
+    found = nodes.run([nodes.python, "-c", code], 60)
+    assert found.returncode == 0, found.stderr[-2000:]
+    return found.stdout.split()[-1]
+
+
+def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: list[str], prepared: Path,
+                                                    tmp_path: Path) -> None:
+    """two_nodes: a RayNodes (conftest.py); the run is a `distnmt train` subprocess joining it."""
+    env = two_nodes.env
+    run_dir = tmp_path / "runs" / "elastic"
+    overrides = [
+        *tiny_overrides, f"train.storage_path={tmp_path / 'runs'}", "train.name=elastic",
+        "train.workers=[1, 2]", "train.cpus_per_worker=0.8", "eval.num_cpus=0.2",
+        "train.max_steps=260", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=2",
+        "train.max_failures=4", "train.log_batches=true", "train.preemption_check_every=1",
+        "train.elastic_resize_interval_s=3", "eval.beam_size=1", "eval.max_sentences=3",
+        "eval.test_at_end=false", "eval.figures=false", "logging.log_every=2",
+    ]
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [two_nodes.python, "-m", "distnmt.cli", "train", "--address", env["RAY_ADDRESS"],
+             *[arg for item in overrides for arg in ("--set", item)]],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        _wait("2 workers training", lambda: any(m["world_size"] == 2 and m["step"] >= 6 for m in _metrics(run_dir)),
+              proc, log)
+        # The spot node's shutdown hook: drain it in Ray with a deadline of 12 s ...
+        node = _worker_node(two_nodes)
+        drained_at = time.time()
+        drained = two_nodes.run([str(LAUNCH / "preempt-node.sh"), "--grace", "12", "--node-id", node], 60)
+        assert drained.returncode == 0, drained.stderr
+        _wait("the preemption notice", lambda: "preemption notice" in log.read_text(errors="replace"), proc, log,
+              timeout=12)
+        # ... and at the deadline the instance goes, processes and all.
+        time.sleep(max(0.0, drained_at + 11 - time.time()))
+        gone = two_nodes.run([two_nodes.python, str(LAUNCH / "localray.py"), "stop", "--temp-dir",
+                              f"{two_nodes.state}/node-1/", "--grace", "1"], 120)
+        assert gone.returncode == 0, gone.stderr
+        _wait("1 worker training", lambda: any(m["world_size"] == 1 for m in _metrics(run_dir)), proc, log)
+        shrunk_at = max(m["step"] for m in _metrics(run_dir))
+        added = two_nodes.run([str(LAUNCH / "add-node.sh"), "--num-cpus", "1"], 180)
+        assert added.returncode == 0, added.stderr
+        _wait("2 workers again", lambda: [m["world_size"] for m in _metrics(run_dir)][-1:] == [2], proc, log)
+        assert proc.wait(timeout=400) == 0, log.read_text(errors="replace")[-5000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text(errors="replace")
+
+    # The world size over time (metrics.jsonl is what W&B gets): 2, then 1, then 2 again.
+    sizes = [m["world_size"] for m in _metrics(run_dir)]
+    changes = [w for i, w in enumerate(sizes) if i == 0 or sizes[i - 1] != w]
+    assert changes[:3] == [2, 1, 2], changes
+    assert {m["accumulate"] for m in _metrics(run_dir) if m["world_size"] == 1} == {2}  # the effective batch kept
+    assert shrunk_at < 260
+    notice = re.search(r"preemption notice for rank\(s\) \[\d\].*: checkpointing at step (\d+)", output)
+    assert notice, "no preemption notice in the log"
+    jit = int(notice.group(1))  # the just-in-time checkpoint, whatever checkpoint_every says
+    assert f"path={run_dir}/checkpoint_{jit:08d})" in output  # reported to Ray at once
+    resumed = [int(x) for x in re.findall(r"resumed from checkpoint_(\d+) at step", output)]
+    assert resumed and resumed[0] >= jit  # the restart lost nothing before the notice
+    assert "world size 2 -> 1" in output and "world size 1 -> 2" in output
+    assert "accumulating 2 micro-batch(es) per rank per step = 1200 tokens per step, the configured" in output
+
+    # Batch logs ('step epoch pair-ids' per batch, every rank, every attempt). Rank 0
+    # logs every step of every attempt: a step it logged twice was redone after a restart.
+    lines = {r: (run_dir / "batches" / f"rank{r}.log").read_text().splitlines() for r in (0, 1)}
+    redone = {s for s, n in collections.Counter(int(l.split()[0]) for l in lines[0]).items() if n > 1}
+    assert redone, "no step was redone: did the group really restart?"
+    outside: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    every: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for rank_lines in lines.values():
+        for line in rank_lines:
+            step, epoch, *ids = map(int, line.split())
+            every[epoch].update(ids)
+            if step not in redone:
+                outside[epoch].update(ids)
+    n_pairs = len(TokenArray(prepared / "train.en"))
+    last_epoch = max(every)
+    assert last_epoch >= 2, "the run should span several epochs"
+    for epoch in range(last_epoch):  # whole epochs: every pair trained on
+        assert set(every[epoch]) == set(range(n_pairs)), f"epoch {epoch} missed pairs"
+    for epoch in range(last_epoch + 1):  # outside redone steps: never twice
+        assert all(n == 1 for n in outside[epoch].values()), f"epoch {epoch}: a pair trained twice outside redone steps"
