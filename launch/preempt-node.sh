@@ -11,7 +11,8 @@
 # schedules nothing new there, distnmt's workers see the notice within
 # train.preemption_check_every steps and checkpoint, and Ray Train restarts the run
 # on the nodes left when the deadline passes. --node-id defaults to this machine's node.
-# The address defaults to RAY_ADDRESS, or the local head of launch/start-head.sh.
+# The address defaults to RAY_ADDRESS, the local head of launch/start-head.sh, or
+# else the cluster this node belongs to (what `ray start` recorded on it).
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -22,15 +23,19 @@ while [ $# -gt 0 ]; do
     --grace) grace=$2; shift 2 ;;
     --node-id) node=(--node-id "$2"); shift 2 ;;
     --address) address=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
 [[ $grace =~ ^[0-9]+$ ]] || die "--grace: '$grace' is not a whole number of seconds"
 if [ -z "$address" ]; then
-  if [ -n "${RAY_ADDRESS:-}" ]; then address=$RAY_ADDRESS; else use_local_cluster; address=$RAY_ADDRESS; fi
+  if [ -n "${RAY_ADDRESS:-}" ]; then address=$RAY_ADDRESS
+  elif local_cluster_running; then use_local_cluster; address=$RAY_ADDRESS
+  fi
 fi
-ray drain-node --address "$address" "${node[@]}" --reason DRAIN_NODE_REASON_PREEMPTION \
+where=()
+[ -n "$address" ] && where=(--address "$address")
+ray drain-node "${where[@]}" "${node[@]}" --reason DRAIN_NODE_REASON_PREEMPTION \
   --reason-message "preempted: shutting down in ${grace} s" --deadline-remaining-seconds "$grace"
 which=${node[1]:-"of this machine"}
 say "node $which drained for preemption; Ray Train checkpoints and restarts within ${grace} s"

@@ -169,3 +169,77 @@ def test_runtime_env_cli_writes_json_to_stdout() -> None:
                          env={**os.environ, "DNT_X": "secret"}, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["env_vars"] == {"DNT_X": "secret", "RAY_LOGGER_LEVEL": "info"} | {
         k: os.environ[k] for k in localray.DEFAULT_PASSTHROUGH if os.environ.get(k)}
+
+
+class _Metadata:
+    """A local stand-in for a cloud metadata server (the real ones are link-local):
+    answers as AWS IMDSv2 and GCP do, with the notice after ``quiet`` polls."""
+
+    def __init__(self, quiet: int) -> None:
+        import http.server
+        import threading
+
+        state = {"polls": 0}
+        notice = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet test output
+                pass
+
+            def _send(self, code: int, body: str) -> None:
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def do_PUT(self) -> None:  # IMDSv2 session token
+                self._send(200, "token-1") if self.path == "/latest/api/token" else self._send(404, "")
+
+            def do_GET(self) -> None:
+                if self.path.endswith("/spot/instance-action"):
+                    if self.headers.get("X-aws-ec2-metadata-token") != "token-1":
+                        return self._send(401, "")
+                    state["polls"] += 1
+                    if state["polls"] <= quiet:
+                        return self._send(404, "")
+                    return self._send(200, json.dumps({"action": "terminate", "time": notice}))
+                if self.path.startswith("/computeMetadata/v1/instance/preempted"):
+                    if self.headers.get("Metadata-Flavor") != "Google":
+                        return self._send(403, "")
+                    state["polls"] += 1
+                    return self._send(200, "FALSE" if state["polls"] <= quiet else "TRUE")
+                self._send(404, "")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.state = state
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("cloud, low, high", [("aws", 100, 110), ("gcp", 25, 25)])
+def test_spot_watch_drains_on_the_preemption_notice(cloud: str, low: int, high: int, tmp_path: Path) -> None:
+    """spot-watch.sh polls until the notice, then runs its hook with the grace left."""
+    server = _Metadata(quiet=2)
+    try:
+        env = dict(os.environ, DISTNMT_METADATA_URL=server.url, DISTNMT_RAY_STATE=str(tmp_path))
+        out = subprocess.run([str(LAUNCH / "spot-watch.sh"), cloud, "--poll", "0.1", "--exec", "echo GRACE"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.close()
+    assert out.returncode == 0, out.stderr
+    assert server.state["polls"] == 3  # twice nothing, then the notice
+    grace = int(out.stdout.split("GRACE")[1])
+    assert low <= grace <= high, out.stdout
+    assert "preemption notice: draining this node" in out.stderr
+
+
+def test_spot_watch_and_preempt_node_refuse_bad_arguments(tmp_path: Path) -> None:
+    env = dict(os.environ, DISTNMT_RAY_STATE=str(tmp_path))
+    watch = subprocess.run([str(LAUNCH / "spot-watch.sh"), "azure"], env=env, capture_output=True, text=True)
+    assert watch.returncode == 2 and "first argument: aws or gcp, not 'azure'" in watch.stderr
+    drain = subprocess.run([str(LAUNCH / "preempt-node.sh"), "--grace", "soon"], env=env, capture_output=True, text=True)
+    assert drain.returncode == 2 and "--grace: 'soon' is not a whole number of seconds" in drain.stderr
