@@ -123,6 +123,9 @@ class TrainConfig:
     name: str = "distnmt"
     ray_address: Optional[str] = None
     log_batches: bool = False
+    # Consecutive optimizer steps with a non-finite loss or gradient norm (each one
+    # skipped, not applied) after which the run stops with an error (issue 9).
+    max_nonfinite_steps: int = 100
 
 
 @dataclass
@@ -359,6 +362,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]"),
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)"),
         (cfg.train.accumulate >= 1, "train.accumulate", "must be at least 1"),
+        (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1"),
         (cfg.train.backend != "deepspeed" or cfg.train.deepspeed_config is not None, "train.deepspeed_config",
          "must name a DeepSpeed JSON (e.g. configs/deepspeed/zero1.json) when train.backend is deepspeed"),
         (cfg.eval.beam_size >= 1, "eval.beam_size", "must be at least 1"),
