@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -33,7 +34,7 @@ from distnmt.data.prepare import load_manifest
 from distnmt.evaluate.evaluator import Evaluator
 from distnmt.evaluate.hook import score_with_evaluator
 from distnmt.train.engine import deepspeed_config
-from distnmt.train.loop import NONFINITE_METRIC, train_loop_per_worker
+from distnmt.train.loop import NONFINITE_FILE, train_loop_per_worker
 
 NAMESPACE = "distnmt"
 
@@ -125,8 +126,9 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     preflight(cfg, run_dir, manifest)
     started = time.time()
-    previous_handler = _stop_on_sigterm()
     owns_ray = init_ray(cfg)
+    # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
+    previous_handler = _stop_on_sigterm()
     evaluator = None
     try:
         print(f"[distnmt] Ray ready in {time.time() - started:.1f} s; run directory {run_dir}", flush=True)
@@ -134,16 +136,17 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         info = ray.get(evaluator.ready.remote())
         print(f"[distnmt] evaluator ready: {info['sentences']} {info['split']} sentences, beam {cfg.eval.beam_size}", flush=True)
         fit_started = time.time()
-        result = build_trainer(cfg, run_dir, evaluator_name).fit()
+        (run_dir / NONFINITE_FILE).unlink(missing_ok=True)  # from an earlier attempt of this run
+        build_trainer(cfg, run_dir, evaluator_name).fit()
         # Scores still pending were awaited by fit(); finalize does the end-of-run work
         # (e.g. the best checkpoint on the test set) and returns every record.
         records = ray.get(evaluator.finalize.remote())
         _report_final(ray.get(evaluator.final.remote()), run_dir)
         # Last, so that the run ends with the dev BLEU line (signature included).
         _summarize([r for r in records if r["split"] == "dev"], time.time() - fit_started)
-        if (result.metrics or {}).get(NONFINITE_METRIC):
-            newest = newest_valid_checkpoint(run_dir)
-            raise TrainingError(f"{result.metrics[NONFINITE_METRIC]}; last good checkpoint: {newest or 'none'}")
+        if (run_dir / NONFINITE_FILE).exists():
+            stopped = json.loads((run_dir / NONFINITE_FILE).read_text(encoding="utf-8"))
+            raise TrainingError(f"{stopped['message']}; last good checkpoint: {newest_valid_checkpoint(run_dir) or 'none'}")
         return records
     finally:
         if evaluator is not None:

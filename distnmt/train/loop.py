@@ -49,7 +49,7 @@ from distnmt.train.engine import Engine, StepStats, build_engine
 from distnmt.train.wandb_run import start_wandb
 
 RNG_DIR = "rng"
-NONFINITE_METRIC = "nonfinite_error"  # in the last reported metrics when training diverged
+NONFINITE_FILE = "nonfinite.json"  # in the run directory when training stopped on a non-finite loss
 
 
 def _say(line: str) -> None:
@@ -203,7 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     _log(step, epoch, cfg, metrics, stats, left * metrics["step_time_s"], wandb_run,
                          run_dir / "metrics.jsonl")
             if nonfinite >= cfg.train.max_nonfinite_steps:
-                _report_nonfinite(cfg, step, nonfinite, rank)
+                _report_nonfinite(cfg, run_dir, step, nonfinite, rank)
                 stop_reason = "non-finite loss"
                 break
             if (step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps) and _checkpointable(
@@ -395,12 +395,16 @@ def _checkpointable(engine: Engine, nonfinite: int, step: int, rank: int) -> boo
     return False
 
 
-def _report_nonfinite(cfg: Config, step: int, streak: int, rank: int) -> None:
-    """Tell the driver (through the run's final metrics) why training stops; every rank calls it."""
+def _report_nonfinite(cfg: Config, run_dir: Path, step: int, streak: int, rank: int) -> None:
+    """Tell the driver why training stops, in a file of the run directory: Ray's result
+    carries only the metrics of checkpoints, and raising would make Ray retry the run."""
+    if rank != 0:
+        return
     message = (
         f"training stopped at step {step}: loss or gradients non-finite for {streak} consecutive steps "
         f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); try a lower optim.lr or bf16 instead of fp16"
     )
-    if rank == 0:
-        _say(f"[train] {message}")
-    ray.train.report({"step": step, NONFINITE_METRIC: message})
+    _say(f"[train] {message}")
+    tmp = run_dir / f".{NONFINITE_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "message": message}), encoding="utf-8")
+    os.replace(tmp, run_dir / NONFINITE_FILE)
