@@ -2,7 +2,7 @@
 failing while written; the non-finite-loss guard of the DDP engine; checks a rerun
 makes before starting Ray; bad input to translate. Real files, real processes,
 real sentencepiece models and (untrained, tiny) RNNsearch checkpoints.
-The Ray-level faults are in tests/integration/test_reliability.py."""
+The Ray-level faults are in tests/integration/test_reliability_ray.py."""
 
 from __future__ import annotations
 
@@ -316,7 +316,7 @@ def _train_cli(prepared: Path, storage: Path, *sets: str) -> list[str]:
      r"batch.json: train_micro_batch_size_per_gpu is 8 but the YAML config implies 1 "),
     (["train.use_gpu=true"], r"train.use_gpu: True but this machine has no GPU"),
     (["eval.num_gpus=0.5"], r"eval.num_gpus: 0.5 but this machine has no GPU"),
-])
+], ids=["zero-stage-4", "deepspeed-json-contradicts-yaml", "gpu-without-gpu", "eval-gpu-without-gpu"])
 def test_train_refuses_before_starting_ray(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            sets: list[str], message: str) -> None:
     if any("gpu" in s for s in sets) and torch.cuda.is_available():
@@ -364,6 +364,15 @@ def test_evaluate_refuses_data_prepared_with_another_vocabulary(prepared: Path, 
     assert err.count("\n") == 1 and f"{ckpt}: checkpoint was trained with a different vocabulary" in err, err
 
 
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "checkpoint_00000010", {"step": 10}, step=10, config={}, vocab_sha256={})
+    meta = read_meta(ckpt)
+    meta["version"] = 2
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"^{ckpt / 'meta.json'}: checkpoint format version 2, this distnmt reads 1$"):
+        load_checkpoint(ckpt)
+
+
 def test_checkpoints_that_are_not_usable_are_one_line_errors(prepared: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     # A file, not a checkpoint directory.
@@ -409,3 +418,27 @@ def test_translate_empty_long_and_non_utf8_input(prepared: Path, tmp_path: Path,
         sys.stdin = sys.__stdin__
     err = capsys.readouterr().err
     assert err == "distnmt translate: error: <stdin>:2: not valid UTF-8 (invalid continuation byte at byte 13 of the line)\n", err
+
+
+# ----------------------------------------------------------------- the table
+
+
+def test_every_test_docs_reliability_cites_exists() -> None:
+    """docs/RELIABILITY.md names a test for each row; each must be a test of this suite.
+    `::name` after `tests/x.py::y` is another test of the same file."""
+    import re
+
+    text = (REPO / "docs/RELIABILITY.md").read_text(encoding="utf-8")
+    cited = 0
+    for row in (line for line in text.splitlines() if line.startswith("| ") and "tests/" in line):
+        last_file = None
+        for match in re.finditer(r"`(?:(tests/[\w/]+\.py)(?:::(\w+))?|::(\w+))(?:\[[^\]]*\])?`", row):
+            path, name, same_file_name = match.groups()
+            last_file = path or last_file
+            name = name or same_file_name
+            assert last_file is not None, row
+            source = (REPO / last_file).read_text(encoding="utf-8")
+            if name is not None:
+                assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"{last_file}::{name} cited but not defined"
+                cited += 1
+    assert cited >= 50
