@@ -188,7 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _maybe_inject_fault(step + 1, rank)
             engine.poison_loss = _nan_injected(step + 1)
             stats = engine.train_step(batches)
-            nonfinite = _nonfinite_streak(nonfinite, stats, step + 1, rank)
+            nonfinite = _nonfinite_streak(nonfinite, stats, step + 1, rank, device)
             meter.add(stats)
             step += 1
             if batch_log is not None:
@@ -370,12 +370,13 @@ def _nan_injected(step: int) -> bool:
     return False
 
 
-def _nonfinite_streak(streak: int, stats: StepStats, step: int, rank: int) -> int:
+def _nonfinite_streak(streak: int, stats: StepStats, step: int, rank: int, device: torch.device) -> int:
     """The count of consecutive non-finite steps after this one, the same on every rank.
 
     A MIN all-reduce of one flag: a rank's loss can be NaN while another's is not.
+    On the training device: NCCL reduces GPU tensors only.
     """
-    flag = torch.tensor([1 if stats.finite else 0], dtype=torch.int32)
+    flag = torch.tensor([1 if stats.finite else 0], dtype=torch.int32, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if bool(flag.item()):
