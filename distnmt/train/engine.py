@@ -135,9 +135,11 @@ class DDPEngine(Engine):
         clip = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
         lr = self.scheduler.get_last_lr()[0]
-        # The gradient norm is of the all-reduced gradients, so every rank agrees on it.
-        finite = math.isfinite(grad_norm) and math.isfinite(loss_total)
-        if finite or self.scaler.is_enabled():
+        # The gradient norm is of the all-reduced gradients, so every rank agrees on it
+        # and takes the same decision (this rank's loss alone could make them differ).
+        grads_finite = math.isfinite(grad_norm)
+        finite = grads_finite and math.isfinite(loss_total)
+        if grads_finite or self.scaler.is_enabled():
             # fp16: the scaler finds the overflow itself, skips the update and lowers
             # its scale. fp32/bf16 have no scaler: a NaN update would ruin the weights
             # for good, so it is not applied at all.
