@@ -9,6 +9,12 @@ A checkpoint is a directory::
 
 Both files are written into a temporary directory beside the target and the
 directory is renamed into place, so a reader never sees half a checkpoint.
+
+In training, Ray copies every rank's part into the run directory file by file,
+which no rename can make atomic. Each rank therefore also writes
+``ranks/rank<r>.json`` with the sha256 of every file it added (RNG state,
+ZeRO partitions), and meta.json lists those manifests as required: a copy cut
+short at any file fails :func:`verify_checkpoint` and is skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ FORMAT = "distnmt-checkpoint"
 VERSION = 1
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+RANKS_DIR = "ranks"
+# Model keys that do not shape the weights: a run may resume with other values.
+MODEL_KEYS_FREE_ON_RESUME = ("dropout", "init", "compile")
 
 
 class CheckpointError(ValueError):
@@ -152,7 +161,50 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
         # partitions): without them the checkpoint is incomplete.
         if not (directory / name).exists():
             raise CheckpointError(f"{directory / name}: missing from checkpoint (incomplete)")
+        if name.startswith(f"{RANKS_DIR}/"):
+            _verify_rank_manifest(directory, directory / name)
     return meta
+
+
+def rank_manifest_name(rank: int) -> str:
+    """Where rank ``rank`` lists the files it added to a checkpoint."""
+    return f"{RANKS_DIR}/rank{rank}.json"
+
+
+def write_rank_manifest(directory: Path, rank: int) -> str:
+    """Checksum every file in this rank's copy of a checkpoint that meta.json does not cover.
+
+    Called by every rank last, after all its files are written; returns the
+    manifest's name relative to ``directory``.
+    """
+    directory = Path(directory)
+    covered = {META_FILE}
+    if (directory / META_FILE).is_file():  # rank 0's copy
+        covered |= set(json.loads((directory / META_FILE).read_text(encoding="utf-8"))["files"])
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and name not in covered and not name.startswith(f"{RANKS_DIR}/"):
+            files[name] = sha256_file(path)
+    name = rank_manifest_name(rank)
+    (directory / RANKS_DIR).mkdir(exist_ok=True)
+    (directory / name).write_text(json.dumps({"rank": rank, "files": files}, indent=1, sort_keys=True), encoding="utf-8")
+    return name
+
+
+def _verify_rank_manifest(directory: Path, manifest: Path) -> None:
+    """Every file a rank listed is present with its checksum."""
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        items = list(files.items())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{manifest}: unreadable rank manifest (truncated or corrupted checkpoint)") from None
+    for name, expected in items:
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from checkpoint (incomplete)")
+        if sha256_file(path) != expected:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted checkpoint)")
 
 
 def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -161,6 +213,17 @@ def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -
     meta = verify_checkpoint(directory)
     state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
     return LoadedCheckpoint(path=directory, meta=meta, state=state)
+
+
+def check_same_model(meta: dict[str, Any], model: dict[str, Any], where: Path) -> None:
+    """Refuse to resume a checkpoint whose weights have other shapes than ``model`` (a config's model section)."""
+    stored = meta.get("config", {}).get("model", {})
+    for key, value in model.items():
+        if key not in MODEL_KEYS_FREE_ON_RESUME and key in stored and stored[key] != value:
+            raise CheckpointError(
+                f"{where}: checkpoint has model.{key}={stored[key]!r} but the config says {value!r}; "
+                "resume with the checkpoint's model config or use another train.name"
+            )
 
 
 def check_vocab(meta: dict[str, Any], vocab_sha256: dict[str, str], where: Path) -> None:

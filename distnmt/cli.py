@@ -76,13 +76,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with Ray (local cluster unless an address is given); the evaluator scores checkpoints."""
-    from distnmt.train.driver import run_training
+    from distnmt.train.driver import TrainingError, run_training
 
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"train.ray_address={args.address}")
     cfg = load_config(args.config, overrides)
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except TrainingError as err:
+        print(f"distnmt train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the driver has stopped its Ray cluster on the way out.
+        print("distnmt train: interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -103,8 +112,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import os
     import shutil
 
-    from distnmt.checkpoint import read_meta
+    from distnmt.checkpoint import check_vocab, read_meta
     from distnmt.config import _apply_override, config_from_dict, parse_override
+    from distnmt.data.prepare import load_manifest
     from distnmt.evaluate.average import average_checkpoints, last_checkpoints
     from distnmt.evaluate.evaluator import Evaluator
 
@@ -119,6 +129,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = config_from_dict(data)
     cfg = dataclasses.replace(cfg, eval=_eval_overrides(args, cfg))
     prepared = args.prepared or Path(cfg.data.prepared_dir)
+    # The checkpoint decodes with its own sentencepiece models, but data prepared with
+    # another vocabulary means another preparation than the one it was trained for.
+    check_vocab(read_meta(checkpoint), load_manifest(Path(prepared))["spm_sha256"], checkpoint)
     out = args.out or checkpoint.parent
     if args.average < 1:
         raise ConfigError(f"--average {args.average}: must be at least 1 (1 = no averaging)")
@@ -151,10 +164,13 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     stored = config_from_dict(read_meta(args.checkpoint)["config"])
     translator = translator_from_checkpoint(args.checkpoint, _eval_overrides(args, stored))
+    data = sys.stdin.buffer.read()
     try:
-        lines = sys.stdin.buffer.read().decode("utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise DataError(f"<stdin>: not UTF-8 ({err.reason} at byte {err.start})") from None
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        raise DataError.at("<stdin>", data.count(b"\n", 0, err.start) + 1,
+                           f"not valid UTF-8 ({err.reason} at byte {err.start - line_start + 1} of the line)") from None
     for text in translator.translate(lines, progress=not args.quiet):
         sys.stdout.write(text + "\n")
     sys.stdout.flush()

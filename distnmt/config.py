@@ -126,6 +126,9 @@ class TrainConfig:
     name: str = "distnmt"
     ray_address: Optional[str] = None
     log_batches: bool = False
+    # Consecutive optimizer steps with a non-finite loss or gradient norm (each one
+    # skipped, not applied) after which the run stops with an error (issue 9).
+    max_nonfinite_steps: int = 100
 
     @property
     def elastic(self) -> bool:
@@ -301,7 +304,7 @@ def _build(cls: type, data: Any, prefix: str, where: _Where) -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ConfigError(f"{where(key)}unknown key '{key}'{_suggest(str(name), names, prefix)}")
+            raise ConfigError(f"{where(key)}unknown key {key!r}{_suggest(str(name), names, prefix)}")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value if value is not None else {}, key + ".", where)
@@ -332,7 +335,7 @@ def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
         dotted = ".".join(parts[: depth + 1])
         if part not in names:
             prefix = ".".join(parts[:depth]) + "." if depth else ""
-            raise ConfigError(f"--set: unknown key '{dotted}'{_suggest(part, names, prefix)}")
+            raise ConfigError(f"--set: unknown key {dotted!r}{_suggest(part, names, prefix)}")
         if depth == len(parts) - 1:
             node[part] = value
             return
@@ -355,10 +358,15 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: tuple[str, .
         try:
             node = yaml.compose(text)
             data = yaml.safe_load(text) or {}
+        except yaml.reader.ReaderError as err:  # a character YAML does not allow (control, non-printable)
+            line = text[: err.position].count("\n") + 1
+            char = chr(err.character) if isinstance(err.character, int) else err.character
+            raise ConfigError(f"{path}:{line}: invalid YAML (character {char!r} is not allowed)") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
+            raise ConfigError(f"{path}{line}: invalid YAML ({problem})") from None
         where = _Where(path, _key_lines(node) if node is not None else {})
     for text in overrides:
         key, value = parse_override(text)
@@ -395,6 +403,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]"),
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)"),
         (cfg.train.accumulate >= 1, "train.accumulate", "must be at least 1"),
+        (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1"),
         (cfg.train.backend != "deepspeed" or cfg.train.deepspeed_config is not None, "train.deepspeed_config",
          "must name a DeepSpeed JSON (e.g. configs/deepspeed/zero1.json) when train.backend is deepspeed"),
         (cfg.eval.beam_size >= 1, "eval.beam_size", "must be at least 1"),

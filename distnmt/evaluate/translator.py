@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distnmt.checkpoint import LoadedCheckpoint, load_checkpoint
+from distnmt.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from distnmt.config import Config, EvalConfig, config_from_dict
 from distnmt.data.batch import collate_sentences
 from distnmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -114,7 +114,11 @@ def model_from_checkpoint(ckpt: LoadedCheckpoint, device: torch.device | str = "
     cfg = config_from_dict(ckpt.meta["config"])
     vocab = ckpt.meta["vocab_size"]
     model = build_model(cfg.model, vocab["src"], vocab["tgt"], pad_id=PAD_ID)
-    model.load_state_dict(ckpt.state["model"])
+    try:
+        model.load_state_dict(ckpt.state["model"])
+    except RuntimeError as err:  # names and shapes, first line only: the rest is a list of tensors
+        reason = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{ckpt.path}: weights do not fit the model config in its meta.json ({reason})") from None
     return model.to(device).eval(), cfg
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray
 from ray.train import (
@@ -25,14 +28,19 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
+from distnmt.checkpoint import check_same_model, check_vocab, newest_valid_checkpoint, read_meta
 from distnmt.config import Config, ConfigError
 from distnmt.data.prepare import load_manifest
 from distnmt.evaluate.evaluator import Evaluator
 from distnmt.evaluate.hook import score_with_evaluator
-from distnmt.train.engine import zero_stage
-from distnmt.train.loop import train_loop_per_worker
+from distnmt.train.engine import deepspeed_config, zero_stage
+from distnmt.train.loop import NONFINITE_FILE, train_loop_per_worker
 
 NAMESPACE = "distnmt"
+
+
+class TrainingError(RuntimeError):
+    """Training ran but could not go on (e.g. the loss stayed non-finite); one line."""
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -130,11 +138,14 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
 def run_training(cfg: Config) -> list[dict[str, Any]]:
     """Train, have every checkpoint scored, print the final BLEU line; return the scores."""
     cfg = resolve_paths(cfg)
-    load_manifest(Path(cfg.data.prepared_dir))  # fail here, clearly, if `prepare` was not run
+    manifest = load_manifest(Path(cfg.data.prepared_dir))  # fail here, clearly, if `prepare` was not run
     check_elastic(cfg)
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
+    preflight(cfg, run_dir, manifest)
     started = time.time()
     owns_ray = init_ray(cfg)
+    # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
+    previous_handler = _stop_on_sigterm()
     evaluator = None
     try:
         print(f"[distnmt] Ray ready in {time.time() - started:.1f} s; run directory {run_dir}", flush=True)
@@ -142,6 +153,7 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         info = ray.get(evaluator.ready.remote())
         print(f"[distnmt] evaluator ready: {info['sentences']} {info['split']} sentences, beam {cfg.eval.beam_size}", flush=True)
         fit_started = time.time()
+        (run_dir / NONFINITE_FILE).unlink(missing_ok=True)  # from an earlier attempt of this run
         build_trainer(cfg, run_dir, evaluator_name).fit()
         # Scores still pending were awaited by fit(); finalize does the end-of-run work
         # (e.g. the best checkpoint on the test set) and returns every record.
@@ -149,12 +161,50 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         _report_final(ray.get(evaluator.final.remote()), run_dir)
         # Last, so that the run ends with the dev BLEU line (signature included).
         _summarize([r for r in records if r["split"] == "dev"], time.time() - fit_started)
+        if (run_dir / NONFINITE_FILE).exists():
+            stopped = json.loads((run_dir / NONFINITE_FILE).read_text(encoding="utf-8"))
+            raise TrainingError(f"{stopped['message']}; last good checkpoint: {newest_valid_checkpoint(run_dir) or 'none'}")
         return records
     finally:
         if evaluator is not None:
             ray.kill(evaluator)  # on a shared cluster it would otherwise outlive the run
         if owns_ray:
             ray.shutdown()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def preflight(cfg: Config, run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Checks that need no cluster, so that a mistake costs a second and one line, not a
+    worker's traceback: the DeepSpeed JSON, GPUs, and the checkpoint a rerun would resume."""
+    if cfg.train.backend == "deepspeed":
+        deepspeed_config(cfg, cfg.train.workers)  # ZeRO stage, keys contradicting the YAML
+    local = not (cfg.train.ray_address or os.environ.get("RAY_ADDRESS"))
+    if local:  # a joined cluster's GPUs are on its nodes, not necessarily here
+        import torch
+
+        for key, wanted in (("train.use_gpu", cfg.train.use_gpu), ("eval.num_gpus", cfg.eval.num_gpus)):
+            if wanted and not torch.cuda.is_available():
+                raise ConfigError(f"{key}: {wanted!r} but this machine has no GPU (and no Ray address was given to join a cluster that has)")
+    newest = newest_valid_checkpoint(run_dir)  # broken ones are skipped with a warning naming them
+    if newest is not None:
+        meta = read_meta(newest)
+        check_vocab(meta, manifest["spm_sha256"], newest)
+        check_same_model(meta, cfg.to_dict()["model"], newest)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm() -> Optional[Any]:
+    """SIGTERM (a scheduler, `kill`, `ray job stop`) unwinds like Ctrl-C, so the finally
+    clause stops the local Ray cluster instead of leaving its processes behind.
+    Returns the handler to restore (None when not on the main thread, where Python
+    does not allow handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _report_final(final: dict[str, Any], run_dir: Path) -> None:

@@ -47,6 +47,9 @@ class StepStats:
     grad_norm: float
     lr: float
     loss_scale: float
+    # False when this rank saw a non-finite loss or gradient norm; the engine then
+    # applied no update (fp16: the loss scaler skipped it; DDP fp32/bf16: skipped here).
+    finite: bool = True
 
 
 def _world() -> int:
@@ -73,6 +76,9 @@ class Engine(ABC):
     """One optimizer step at a time; knows how to checkpoint itself."""
 
     module: torch.nn.Module  # the bare model (for evaluation weights)
+    # Test seam (DISTNMT_FAULT_NAN, set by the training loop): the next step's loss
+    # is made NaN, as a diverging model's would be, to exercise the non-finite guard.
+    poison_loss: bool = False
 
     @abstractmethod
     def train_step(self, batches: list[Batch]) -> StepStats: ...
@@ -121,13 +127,23 @@ class DDPEngine(Engine):
                 with self._autocast():
                     logits = self.model(batch.src, batch.src_lengths, batch.tgt_in)
                 loss_sum = token_loss_sum(logits, batch, self.cfg.optim.label_smoothing)
+                if self.poison_loss:
+                    loss_sum = loss_sum * math.nan
                 self.scaler.scale(loss_sum * scale).backward()
             loss_total += float(loss_sum.detach())
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
         lr = self.scheduler.get_last_lr()[0]
-        self.scaler.step(self.optimizer)  # skipped by the scaler when fp16 gradients overflowed
+        # The gradient norm is of the all-reduced gradients, so every rank agrees on it
+        # and takes the same decision (this rank's loss alone could make them differ).
+        grads_finite = math.isfinite(grad_norm)
+        finite = grads_finite and math.isfinite(loss_total)
+        if grads_finite or self.scaler.is_enabled():
+            # fp16: the scaler finds the overflow itself, skips the update and lowers
+            # its scale. fp32/bf16 have no scaler: a NaN update would ruin the weights
+            # for good, so it is not applied at all.
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return StepStats(
@@ -136,6 +152,7 @@ class DDPEngine(Engine):
             padded_tokens=sum(b.tgt_out.numel() for b in batches),
             grad_norm=grad_norm, lr=lr,
             loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+            finite=finite,
         )
 
     def state_for_checkpoint(self) -> dict[str, Any]:
@@ -225,12 +242,17 @@ class DeepSpeedEngine(Engine):
         for batch in batches:
             logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)
             loss_sum = token_loss_sum(logits, batch, self.cfg.optim.label_smoothing)
+            if self.poison_loss:
+                loss_sum = loss_sum * math.nan
             # Already normalised over all micro-batches: no further division by GAS.
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
             loss_total += float(loss_sum.detach())
         grad_norm = self.engine.get_global_grad_norm()
         scale_now = getattr(self.optimizer, "cur_scale", None) or getattr(self.optimizer, "loss_scale", 1.0)
+        # DeepSpeed skips the update itself on overflow in fp16 (and in bf16 with
+        # bf16.check_grad_overflow); the norm is None when ZeRO does not compute it.
+        finite = math.isfinite(loss_total) and (grad_norm is None or math.isfinite(float(grad_norm)))
         return StepStats(
             loss_sum=loss_total,
             tokens=sum(b.num_target_tokens() for b in batches),
@@ -238,6 +260,7 @@ class DeepSpeedEngine(Engine):
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=float(self.engine.get_lr()[0]),
             loss_scale=float(scale_now),
+            finite=finite,
         )
 
     def state_for_checkpoint(self) -> dict[str, Any]:

@@ -30,7 +30,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from distnmt.checkpoint import checkpoint_step, load_checkpoint, newest_valid_checkpoint, save_checkpoint
+from distnmt.checkpoint import (
+    checkpoint_step,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    rank_manifest_name,
+    save_checkpoint,
+    write_rank_manifest,
+)
 from distnmt.config import Config, config_from_dict
 from distnmt.data.batch import collate
 from distnmt.data.prepare import load_manifest
@@ -44,6 +51,7 @@ from distnmt.train.reshard import remove_universal, universal_for
 from distnmt.train.wandb_run import start_wandb
 
 RNG_DIR = "rng"
+NONFINITE_FILE = "nonfinite.json"  # in the run directory when training stopped on a non-finite loss
 
 
 def _say(line: str) -> None:
@@ -190,11 +198,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     meter = _Meter()
     stop_reason: Optional[str] = None
     preempted = False  # a just-in-time checkpoint is written once per preemption notice
+    nonfinite = 0  # consecutive steps with a non-finite loss or gradient (not applied)
     while step < cfg.train.max_steps and epoch < cfg.train.max_epochs and not stop_reason:
         for group in _step_batches(sampler, cfg.train.accumulate):
             batches = [collate(src, tgt, indices).to(device) for indices in group]
             _maybe_inject_fault(step + 1, rank)
+            engine.poison_loss = _nan_injected(step + 1)
             stats = engine.train_step(batches)
+            nonfinite = _nonfinite_streak(nonfinite, stats, step + 1, rank, device)
             meter.add(stats)
             step += 1
             if batch_log is not None:
@@ -208,11 +219,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     left = (len(sampler) - sampler.position) / cfg.train.accumulate
                     _log(step, epoch, cfg, metrics | {"world_size": world, "accumulate": cfg.train.accumulate},
                          stats, left * metrics["step_time_s"], wandb_run, run_dir / "metrics.jsonl")
+            if nonfinite >= cfg.train.max_nonfinite_steps:
+                _report_nonfinite(cfg, run_dir, step, nonfinite, rank)
+                stop_reason = "non-finite loss"
+                break
             checkpoint_now = step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps
             if not preempted and step % cfg.train.preemption_check_every == 0:
                 preempted = _preemption_notice(rank, step)  # a barrier: every rank asks at the same steps
                 checkpoint_now |= preempted
-            if checkpoint_now:
+            if checkpoint_now and _checkpointable(engine, nonfinite, step, rank):
                 _checkpoint_and_report(saved_cfg, engine, sampler, step, epoch, rank, world, manifest, vocab_size,
                                        wandb_run.id if wandb_run is not None else wandb_id)
                 stop_reason = _stop_requested(loop_config, rank)
@@ -363,7 +378,8 @@ def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSamp
                 vocab_sha256=manifest["spm_sha256"],
                 extra_meta={
                     "vocab_size": vocab_size, "epoch": epoch, "wandb_run_id": wandb_id, "world_size": world,
-                    "required": [f"{RNG_DIR}/rank{r}.pt" for r in range(world)],
+                    # Each rank's list of its files with checksums (see distnmt/checkpoint.py).
+                    "required": [rank_manifest_name(r) for r in range(world)],
                 },
                 extra_files={
                     SRC_SPM: prepared / f"spm.{cfg.data.src_lang}.model",
@@ -373,6 +389,7 @@ def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSamp
         engine.save_sharded(directory)
         (directory / RNG_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), directory / RNG_DIR / f"rank{rank}.pt")
+        write_rank_manifest(directory, rank)  # last: it vouches for this rank's files
         ray.train.report(
             # bleu: NaN until the evaluator's score replaces it (NaN ranks below any score).
             {"step": step, "epoch": epoch, "bleu": float("nan")},
@@ -395,3 +412,58 @@ def _stop_requested(loop_config: dict[str, Any], rank: int) -> Optional[str]:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(reason, src=0)
     return reason[0]
+
+
+def _nan_injected(step: int) -> bool:
+    """Fault injection for the reliability tests: make the loss of ``step`` NaN.
+
+    DISTNMT_FAULT_NAN="4,9-" poisons step 4 and every step from 9 on, on every
+    rank. The NaN then goes through the real backward, clipping and update code.
+    """
+    spec = os.environ.get("DISTNMT_FAULT_NAN", "")
+    for part in filter(None, spec.split(",")):
+        first, dash, last = part.partition("-")
+        if int(first) <= step and (step <= int(last) if last else bool(dash) or step == int(first)):
+            return True
+    return False
+
+
+def _nonfinite_streak(streak: int, stats: StepStats, step: int, rank: int, device: torch.device) -> int:
+    """The count of consecutive non-finite steps after this one, the same on every rank.
+
+    A MIN all-reduce of one flag: a rank's loss can be NaN while another's is not.
+    On the training device: NCCL reduces GPU tensors only.
+    """
+    flag = torch.tensor([1 if stats.finite else 0], dtype=torch.int32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if bool(flag.item()):
+        return 0
+    if rank == 0:
+        _say(f"[train] step {step}: non-finite loss or gradient, update skipped ({streak + 1} in a row)")
+    return streak + 1
+
+
+def _checkpointable(engine: Engine, nonfinite: int, step: int, rank: int) -> bool:
+    """Never checkpoint from a non-finite state: during a streak of skipped steps, or with
+    non-finite weights (every rank holds the full weights, so all ranks agree)."""
+    if nonfinite == 0 and all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()):
+        return True
+    if rank == 0:
+        _say(f"[train] step {step}: no checkpoint, the training state is not finite")
+    return False
+
+
+def _report_nonfinite(cfg: Config, run_dir: Path, step: int, streak: int, rank: int) -> None:
+    """Tell the driver why training stops, in a file of the run directory: Ray's result
+    carries only the metrics of checkpoints, and raising would make Ray retry the run."""
+    if rank != 0:
+        return
+    message = (
+        f"training stopped at step {step}: loss or gradients non-finite for {streak} consecutive steps "
+        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); try a lower optim.lr or bf16 instead of fp16"
+    )
+    _say(f"[train] {message}")
+    tmp = run_dir / f".{NONFINITE_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "message": message}), encoding="utf-8")
+    os.replace(tmp, run_dir / NONFINITE_FILE)
