@@ -1,6 +1,6 @@
 """The launch/ scripts without a cluster: lint, helpers, and the errors a user meets
 before anything is started (the real runs are in tests/integration/test_job_submit.py
-and test_multinode.py)."""
+and test_elastic.py)."""
 
 from __future__ import annotations
 

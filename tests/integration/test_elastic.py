@@ -1,7 +1,8 @@
 """Elastic training on a real two-node Ray cluster on this machine (launch/start-head.sh
 + add-node.sh, one CPU each; a worker asks 0.8 CPU, so one worker per node).
 
-A run with ``train.workers: [1, 2]`` starts on 2 workers. Node 1 is then preempted
+A run with ``train.workers: [1, 2]`` starts on 2 workers, one on each node (checked
+through Ray's state API: DDP's gloo group spans two raylets, as on a cluster). Node 1 is then preempted
 the way a spot instance is: launch/preempt-node.sh drains it with a deadline, the
 workers see the notice and write a checkpoint at once, and after the deadline the
 node's processes are killed. Ray Train restarts the group on the 1 worker left,
@@ -51,6 +52,20 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if (p / "meta.json").exists())
 
 
+def _placement(nodes) -> dict[str, list[str]]:
+    """Node ids of the live training workers and of the live nodes (Ray's state API)."""
+    code = (
+        "import json, os; from ray.util.state import list_actors, list_nodes\n"
+        "a = os.environ['RAY_API_SERVER_ADDRESS']\n"
+        "workers = list_actors(address=a, filters=[('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])\n"
+        "nodes = list_nodes(address=a, filters=[('state', '=', 'ALIVE')])\n"
+        "print(json.dumps({'workers': [w.node_id for w in workers], 'nodes': [n.node_id for n in nodes]}))"
+    )
+    placed = nodes.run([nodes.python, "-c", code], 60)
+    assert placed.returncode == 0, placed.stderr[-2000:]
+    return json.loads(placed.stdout.strip().splitlines()[-1])
+
+
 def _worker_node(nodes) -> str:
     """The id of the node that is not the head (the one add-node.sh started)."""
     code = ("import os; from ray.util.state import list_nodes\n"
@@ -84,6 +99,11 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
     try:
         _wait("2 workers training", lambda: any(m["world_size"] == 2 and m["step"] >= 6 for m in _metrics(run_dir)),
               proc, log)
+        # Training spans both nodes: one worker on each (0.8 CPU each, 1 CPU per node),
+        # so DDP's gloo group crosses raylets as on a real cluster.
+        where = _placement(two_nodes)
+        assert len(where["nodes"]) == 2 and len(where["workers"]) == 2, where
+        assert set(where["workers"]) == set(where["nodes"]), where
         # The spot node's shutdown hook: drain it in Ray with a deadline of 12 s ...
         node = _worker_node(two_nodes)
         drained_at = time.time()
