@@ -1,13 +1,14 @@
 """Elastic training on a real two-node Ray cluster on this machine (launch/start-head.sh
 + add-node.sh, one CPU each; a worker asks 0.8 CPU, so one worker per node).
 
-A run with ``train.workers: [1, 2]`` starts on 2 workers, one on each node (checked
-through Ray's state API: DDP's gloo group spans two raylets, as on a cluster). Node 1 is then preempted
-the way a spot instance is: launch/preempt-node.sh drains it with a deadline, the
+A DeepSpeed ZeRO-1 run with ``train.workers: [1, 2]`` starts on 2 workers, one on each
+node (checked through Ray's state API: the gloo group spans two raylets, as on a
+cluster). Node 1 is then preempted the way a spot instance is: launch/preempt-node.sh drains it with a deadline, the
 workers see the notice and write a checkpoint at once, and after the deadline the
 node's processes are killed. Ray Train restarts the group on the 1 worker left,
 which resumes from that checkpoint and accumulates 2 micro-batches per step to
-keep the effective batch. A new node joins; Ray grows the group back to 2 workers
+keep the effective batch; the partitioned optimizer state goes from 2 ranks to 1 (and
+later back) through DeepSpeed's universal checkpoint. A new node joins; Ray grows the group back to 2 workers
 (again from the newest checkpoint), and the run finishes. The batch logs show
 every pair of each epoch trained on, and trained twice only in redone steps.
 """
@@ -31,6 +32,10 @@ pytestmark = pytest.mark.integration
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
 CHECKPOINT_EVERY = 25
+# The 1-worker phase must outlast add-node.sh plus Ray's resize check (20-40 s on a
+# loaded 2-core machine, at ~10 tiny steps/s), or the run ends before it regrows.
+MAX_STEPS = 500
+GRACE_S = 8  # the preemption deadline: the notice comes at once (checked every step)
 
 
 def _wait(what: str, done: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
@@ -76,15 +81,23 @@ def _worker_node(nodes) -> str:
     return found.stdout.split()[-1]
 
 
+# DeepSpeed ZeRO-1: each change of world size also goes through DeepSpeed's universal
+# checkpoint (the optimizer state is partitioned per rank). DDP's state does not depend
+# on the world size; everything else (Ray's elastic group, the preemption checkpoint,
+# the sampler's re-sharding, the accumulation) is the same code for both, so one
+# backend, the harder one, is run here to keep the suite within its time budget.
+ZERO1 = ["train.backend=deepspeed", f"train.deepspeed_config={LAUNCH.parent}/configs/deepspeed/zero1.json"]
+
+
 def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: list[str], prepared: Path,
                                                     tmp_path: Path) -> None:
     """two_nodes: a RayNodes (conftest.py); the run is a `distnmt train` subprocess joining it."""
     env = two_nodes.env
     run_dir = tmp_path / "runs" / "elastic"
     overrides = [
-        *tiny_overrides, f"train.storage_path={tmp_path / 'runs'}", "train.name=elastic",
+        *tiny_overrides, *ZERO1, f"train.storage_path={tmp_path / 'runs'}", "train.name=elastic",
         "train.workers=[1, 2]", "train.cpus_per_worker=0.8", "eval.num_cpus=0.2",
-        "train.max_steps=260", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=2",
+        f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=2",
         "train.max_failures=4", "train.log_batches=true", "train.preemption_check_every=1",
         "train.elastic_resize_interval_s=3", "eval.beam_size=1", "eval.max_sentences=3",
         "eval.test_at_end=false", "eval.figures=false", "logging.log_every=2",
@@ -104,15 +117,15 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
         where = _placement(two_nodes)
         assert len(where["nodes"]) == 2 and len(where["workers"]) == 2, where
         assert set(where["workers"]) == set(where["nodes"]), where
-        # The spot node's shutdown hook: drain it in Ray with a deadline of 12 s ...
+        # The spot node's shutdown hook: drain it in Ray with a deadline of GRACE_S ...
         node = _worker_node(two_nodes)
         drained_at = time.time()
-        drained = two_nodes.run([str(LAUNCH / "preempt-node.sh"), "--grace", "12", "--node-id", node], 60)
+        drained = two_nodes.run([str(LAUNCH / "preempt-node.sh"), "--grace", str(GRACE_S), "--node-id", node], 60)
         assert drained.returncode == 0, drained.stderr
         _wait("the preemption notice", lambda: "preemption notice" in log.read_text(errors="replace"), proc, log,
-              timeout=12)
+              timeout=GRACE_S)
         # ... and at the deadline the instance goes, processes and all.
-        time.sleep(max(0.0, drained_at + 11 - time.time()))
+        time.sleep(max(0.0, drained_at + GRACE_S - 1 - time.time()))
         gone = two_nodes.run([two_nodes.python, str(LAUNCH / "localray.py"), "stop", "--temp-dir",
                               f"{two_nodes.state}/node-1/", "--grace", "1"], 120)
         assert gone.returncode == 0, gone.stderr
@@ -133,7 +146,7 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
     changes = [w for i, w in enumerate(sizes) if i == 0 or sizes[i - 1] != w]
     assert changes[:3] == [2, 1, 2], changes
     assert {m["accumulate"] for m in _metrics(run_dir) if m["world_size"] == 1} == {2}  # the effective batch kept
-    assert shrunk_at < 260
+    assert shrunk_at < MAX_STEPS
     notice = re.search(r"preemption notice for rank\(s\) \[\d\].*: checkpointing at step (\d+)", output)
     assert notice, "no preemption notice in the log"
     jit = int(notice.group(1))  # the just-in-time checkpoint, whatever checkpoint_every says
@@ -142,6 +155,9 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
     assert resumed and resumed[0] >= jit  # the restart lost nothing before the notice
     assert "world size 2 -> 1" in output and "world size 1 -> 2" in output
     assert "accumulating 2 micro-batch(es) per rank per step = 1200 tokens per step, the configured" in output
+    # ZeRO-1's partitioned Adam state went 2 -> 1 and 1 -> 2 ranks through universal checkpoints.
+    assert re.search(r"ZeRO-1 state of 2 rank\(s\) converted to a universal checkpoint for 1 rank\(s\)", output)
+    assert re.search(r"ZeRO-1 state of 1 rank\(s\) converted to a universal checkpoint for 2 rank\(s\)", output)
 
     # Batch logs ('step epoch pair-ids' per batch, every rank, every attempt). Rank 0
     # logs every step of every attempt: a step it logged twice was redone after a restart.
