@@ -166,3 +166,17 @@ def test_eval_lag_from_records_written_by_the_evaluator_store(tmp_path: Path) ->
     assert json.loads((tmp_path / "out/eval_lag.json").read_text())["summary"]["max_lag_s"] == 20.0
     assert "| checkpoint_00000040 | 40 | 0.40 | 20.0 | 2.0 | 18.0 |" in (tmp_path / "out/eval_lag.md").read_text()
     assert eval_lag.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_bench_all_runs_every_benchmark_into_one_out(tmp_path: Path) -> None:
+    from distnmt.bench.all import plan
+    from distnmt.cli import BENCHMARKS
+
+    steps = plan(tmp_path, tiny=True, minutes=0.5, overrides=["train.workers=1"])
+    assert [name for name, _ in steps] == [b for b in BENCHMARKS if b != "all"]
+    for name, argv in steps:
+        assert argv[argv.index("--out") + 1] == str(tmp_path)
+        assert ("--tiny" in argv) == (name != "eval-lag")
+    peer = dict(steps)["peer"]
+    assert peer[peer.index("--minutes") + 1] == "0.5" and "train.workers=1" in peer
+    assert dict(steps)["eval-lag"][:2] == ["--run", str(tmp_path / "runs/distnmt")]

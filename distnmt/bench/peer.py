@@ -529,7 +529,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", type=Path, default=REPO / "configs/quickstart.yaml", help="distnmt config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="distnmt config overrides, applied to every system (e.g. data.prepared_dir=...)")
-    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per system (wall clock)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget per system, wall clock from its first step (default 20; --tiny 0.25)")
     parser.add_argument("--systems", default="distnmt,joeynmt,naive", help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--targets", default="0.1,0.2,0.5,1", help="dev BLEU values to time")
     parser.add_argument("--dev-sentences", type=int, default=500, help="dev (newstest2013) subset each system validates on")
@@ -548,6 +549,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     targets = [float(x) for x in args.targets.split(",")]
     overrides = list(args.overrides)
+    args.minutes = args.minutes if args.minutes is not None else (0.25 if args.tiny else 20.0)
     if args.tiny:
         overrides += TINY_MODEL
         args.dev_sentences, args.test_sentences = 20, args.test_sentences or 20
