@@ -37,7 +37,8 @@ JOEY_LOG = """\
 2026-12-01 04:47:02,777 - INFO - joeynmt.training - Epoch   1, Step:        2, Batch Loss:     6.682824, Batch Acc: 0.002360, Tokens per Sec:    11896, Lr: 0.001000
 2026-12-01 04:47:03,317 - INFO - joeynmt.training - Epoch   1, Step:        4, Batch Loss:     6.676547, Batch Acc: 0.004378, Tokens per Sec:    10169, Lr: 0.001000
 2026-12-01 04:47:03,673 - INFO - joeynmt.prediction - Evaluation result (greedy): bleu:   0.15, loss:   6.67, ppl: 788.36, acc:   0.00, 0.2078[sec]
-2026-12-01 04:47:04,697 - INFO - joeynmt.prediction - Evaluation result (greedy): bleu:   1.25, loss:   6.61, ppl: 743.39, acc:   0.00, 0.0031[sec]
+2026-12-01 05:02:36,058 - INFO - joeynmt.prediction - Predicting 500 example(s)... (Greedy decoding with min_output_length=1, max_output_length=150)
+2026-12-01 05:03:43,007 - INFO - joeynmt.prediction - Evaluation result (greedy): bleu:   1.25, loss:   6.61, ppl: 743.39, acc:   0.00, 0.0031[sec]
 2026-12-01 04:47:05,100 - INFO - joeynmt.training - EPOCH 2
 """
 
@@ -100,11 +101,14 @@ def test_joeynmt_padding_replay_matches_its_sampler() -> None:
 def test_parse_joeynmt_log_real_lines() -> None:
     log = parse_joeynmt_log(JOEY_LOG, validation_freq=4)
     assert log["params"] == 150512
-    assert log["start"] == pytest.approx(time.mktime(time.strptime("2026-12-01 04:47:02", "%Y-%m-%d %H:%M:%S")) + 0.313)
+    # Differences of timestamps (approx on raw epoch seconds would allow ~30 min of slack).
+    assert log["start"] - time.mktime(time.strptime("2026-12-01 04:47:02", "%Y-%m-%d %H:%M:%S")) == pytest.approx(0.313)
     assert [(t["step"], t["tokens_per_s"]) for t in log["train"]] == [(2, 11896.0), (4, 10169.0)]
     assert [(e["step"], e["bleu"]) for e in log["evals"]] == [(4, 0.15), (8, 1.25)]
     # The scored state is that of validation's start: its duration is taken off the line's time.
-    assert log["evals"][0]["time"] == pytest.approx(log["start"] + 1.360 - 0.2078)
+    assert log["evals"][0]["time"] - log["start"] == pytest.approx(1.360 - 0.2078)
+    # With its "Predicting" line, validation began there (decoding took a minute; scoring 0.003 s).
+    assert log["evals"][1]["time"] - log["start"] == pytest.approx(15 * 60 + 33.745)
 
 
 def test_minutes_to_targets_and_ratios() -> None:

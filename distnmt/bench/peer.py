@@ -62,6 +62,7 @@ _TRAIN_RE = re.compile(_STAMP + r"Epoch\s+(\d+), Step:\s+(\d+), Batch Loss:\s+([
 _EVAL_RE = re.compile(_STAMP + r"Evaluation result \((?:greedy|beam search)\): (.*), ([\d.]+)\[sec\]")
 _EPOCH_RE = re.compile(_STAMP + r"EPOCH (\d+)")
 _PARAMS_RE = re.compile(_STAMP + r"Total params: (\d+)")
+_PREDICT_RE = re.compile(_STAMP + r"Predicting \d+ example")
 
 
 # ------------------------------------------------------------------ token budget
@@ -248,6 +249,7 @@ def parse_joeynmt_log(text: str, validation_freq: int) -> dict[str, Any]:
     train: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
     params: Optional[int] = None
+    predicting: Optional[float] = None  # when the running validation began
     for line in text.splitlines():
         if (m := _EPOCH_RE.match(line)) and start is None:
             start = _stamp(m.group(1))
@@ -257,9 +259,14 @@ def parse_joeynmt_log(text: str, validation_freq: int) -> dict[str, Any]:
         elif m := _EVAL_RE.match(line):
             scores = dict(part.split(": ") for part in m.group(2).split(", "))
             seconds = float(m.group(3))
-            # The state it scored was reached when validation began, not when it ended.
-            evals.append({"time": _stamp(m.group(1)) - seconds, "step": (len(evals) + 1) * validation_freq,
+            # The state it scored was reached when validation began ("Predicting ..."), not
+            # when it ended; the seconds on this line are only the scoring's.
+            began = predicting if predicting is not None else _stamp(m.group(1)) - seconds
+            predicting = None
+            evals.append({"time": began, "step": (len(evals) + 1) * validation_freq,
                           "bleu": float(scores["bleu"]), "eval_seconds": seconds})
+        elif m := _PREDICT_RE.match(line):
+            predicting = _stamp(m.group(1))
         elif m := _PARAMS_RE.match(line):
             params = int(m.group(2))
     return {"start": start, "train": train, "evals": evals, "params": params}
@@ -299,12 +306,14 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
     """Run ``cmd`` (output to ``log``), polling the peak RSS of its process tree.
 
     ``deadline(launched_at)`` may return a time at which the process gets SIGINT
-    (None: not yet known). Past ``limit_s`` it gets SIGINT, then SIGTERM, then
-    SIGKILL, so a hung system never hangs the benchmark.
+    (None: not yet known), again every 15 s while it runs (JoeyNMT can swallow one
+    that lands mid-validation); past ``limit_s`` the same. After 90 s of that it gets
+    SIGTERM, after 120 s SIGKILL, so a hung system never hangs the benchmark.
     """
     peak_total = peak_one = 0.0
     launched = time.time()
     interrupted_at: Optional[float] = None
+    last_sigint = 0.0
     with open(log, "w", encoding="utf-8") as handle, tqdm(total=int(limit_s), desc=label, unit="s", leave=False) as bar:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -316,10 +325,13 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
                 bar.refresh()
                 due = deadline(launched) if deadline is not None else None
                 if interrupted_at is None and ((due is not None and now >= due) or now - launched > limit_s):
-                    interrupted_at = now
+                    interrupted_at = last_sigint = now
                     os.kill(proc.pid, signal.SIGINT)  # JoeyNMT saves a checkpoint on it
                 elif interrupted_at is not None and now - interrupted_at > 90:
                     proc.terminate() if now - interrupted_at < 120 else proc.kill()
+                elif interrupted_at is not None and now - last_sigint >= 15:
+                    last_sigint = now
+                    os.kill(proc.pid, signal.SIGINT)
                 time.sleep(0.5)
         finally:
             if proc.poll() is None:
