@@ -174,7 +174,9 @@ def joeynmt_config(cfg: Config, data: PeerData, model_dir: Path, validation_freq
         "data": {"train": str(data.train), "dev": str(data.dev), "test": str(data.test), "dataset_type": "plain",
                  "src": side(s, data.src_vocab, data.src_spm), "trg": side(t, data.tgt_vocab, data.tgt_spm)},
         "testing": {"n_best": 1, "beam_size": beam, "beam_alpha": 1.0, "batch_size": 100, "batch_type": "sentence",
-                    "max_output_length": 150, "eval_metrics": ["bleu"], "sacrebleu_cfg": {"tokenize": "13a"}},
+                    # No max_output_length: JoeyNMT then stops at 1.5 x the batch's longest source,
+                    # near our eval.max_len_a/b (1.5 x source + 10); a fixed 150 made it decode far longer.
+                    "eval_metrics": ["bleu"], "sacrebleu_cfg": {"tokenize": "13a"}},
         "training": {
             "random_seed": cfg.train.seed, "optimizer": cfg.optim.name if cfg.optim.name != "adadelta" else "adadelta",
             "learning_rate": cfg.optim.lr, "adam_betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
