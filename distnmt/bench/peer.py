@@ -406,7 +406,7 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
         "system": name, "version": _distnmt_version(), "workers": cfg.train.max_workers,
         "bucketing": cfg.data.bucketing, "step_token_budget": step_token_budget(cfg),
         "params": sum(p.numel() for p in model.parameters()),
-        "tokens_per_s": round(statistics.median(rates)), "updates": metrics[-1]["step"] if metrics else 0,
+        "tokens_per_s": round(statistics.median(rates)), "updates": max(metrics[-1]["step"], scored[-1]["step"]),  # the last step is checkpointed, maybe not logged
         "last_checkpoint_step": scored[-1]["step"], "train_minutes": round((scored[-1]["reported_at"] - start) / 60, 2),
         "startup_s": round(start - watch["launched"], 1),
         "padding_efficiency": round(statistics.median(x["target_padding_efficiency"] for x in metrics), 4),
