@@ -132,9 +132,10 @@ class BucketBatchSampler:
         if self._split_cache is None or self._split_cache[0] != key:
             rest = self._all_batches()
             for replicas, steps in self.history:
-                kept, _ = _divide(rest, replicas)
+                kept, dropped = _divide(rest, replicas)
                 if kept:  # else those ranks could take nothing: the rest passes on whole
-                    rest = kept[steps * replicas:]
+                    # What they would have dropped at the epoch's end they never reached: it passes on.
+                    rest = kept[steps * replicas:] + dropped
             kept, dropped = _divide(rest, self.num_replicas)
             if not kept and not self.history and rest:
                 raise DataError(
@@ -304,8 +305,9 @@ def _divide(batches: list[np.ndarray], parts: int) -> tuple[list[np.ndarray], li
     final step; they are cut into ``parts`` smaller batches instead (halving the
     largest: a batch is sorted by length, so each half keeps like with like, and
     half a batch never costs more tokens than the whole). When they hold fewer
-    pairs than ``parts``, the round before them joins in, and so on. Only when all
-    of ``batches`` holds fewer pairs than ``parts`` is anything dropped.
+    pairs than ``parts``, the round before them joins in, and so on. Only when even
+    all of ``batches`` holds too few pairs is anything dropped: the last
+    ``len % parts`` batches, fewer than ``parts`` pairs in all.
     """
     tail = len(batches) % parts
     if tail == 0:
@@ -322,4 +324,7 @@ def _divide(batches: list[np.ndarray], parts: int) -> tuple[list[np.ndarray], li
                 pieces[i:i + 1] = [pieces[i][:half], pieces[i][half:]]
             return list(batches[:cut]) + pieces, []
         cut -= parts
-    return [], list(batches)
+    # Too few pairs to split into whole rounds (single-pair batches, as unbucketed
+    # random batches of long pairs can be): keep the whole rounds, drop the tail,
+    # which then holds fewer than ``parts`` pairs.
+    return list(batches[:len(batches) - tail]), list(batches[len(batches) - tail:])
