@@ -544,7 +544,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="distnmt config overrides, applied to every system (e.g. data.prepared_dir=...)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="training budget per system, wall clock from its first step (default 20; --tiny 0.25)")
+                        help="training budget per system, wall clock from its first step (default 20; --tiny 0.1)")
     parser.add_argument("--systems", default="distnmt,joeynmt,naive", help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--targets", default="0.1,0.2,0.5,1", help="dev BLEU values to time")
     parser.add_argument("--dev-sentences", type=int, default=500, help="dev (newstest2013) subset each system validates on")
@@ -553,7 +553,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--beam", type=int, default=1, help="beam size for dev and test decoding (1 = greedy)")
     parser.add_argument("--joeynmt-venv", type=Path, default=DEFAULT_VENV, help="JoeyNMT's own virtual environment")
     parser.add_argument("--tiny", action="store_true",
-                        help="seconds: tiny model, ~40 s budget, small dev/test; JoeyNMT skipped if its venv is missing")
+                        help="seconds: tiny model, 6 s budget, 20 dev/test sentences; JoeyNMT skipped if its venv is missing")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where peer.json/peer.md go")
     args = parser.parse_args(argv)
 
@@ -563,7 +563,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     targets = [float(x) for x in args.targets.split(",")]
     overrides = list(args.overrides)
-    args.minutes = args.minutes if args.minutes is not None else (0.25 if args.tiny else 20.0)
+    args.minutes = args.minutes if args.minutes is not None else (0.1 if args.tiny else 20.0)
     if args.tiny:
         overrides += TINY_MODEL
         args.dev_sentences, args.test_sentences = 20, args.test_sentences or 20
