@@ -17,6 +17,7 @@ from distnmt.bench.peer import (
     PeerData,
     joeynmt_batch_size,
     joeynmt_config,
+    joeynmt_logging_freq,
     joeynmt_padding_efficiency,
     markdown,
     minutes_to_targets,
@@ -25,7 +26,7 @@ from distnmt.bench.peer import (
     step_token_budget,
     tree_rss_mib,
 )
-from distnmt.config import load_config
+from distnmt.config import ConfigError, load_config
 from distnmt.evaluate.records import RecordStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,11 @@ def test_joeynmt_config_has_our_sizes_data_and_budget(tmp_path: Path) -> None:
     # One JoeyNMT process takes a whole distnmt step's budget: max_tokens x accumulate x workers.
     assert step_token_budget(cfg) == 1000 * 3 * 2 == joeynmt_batch_size(cfg) == train["batch_size"]
     assert (train["batch_type"], train["optimizer"], train["learning_rate"]) == ("token", "adam", 0.001)
-    assert train["logging_freq"] < train["validation_freq"] == 80  # JoeyNMT refuses otherwise
+    assert train["logging_freq"] == 20 and train["validation_freq"] == 80  # quickstart's log_every
+    # JoeyNMT refuses a logging_freq not below, or not dividing, validation_freq.
+    assert [joeynmt_logging_freq(2, 5), joeynmt_logging_freq(20, 40), joeynmt_logging_freq(30, 40)] == [1, 20, 20]
+    with pytest.raises(ConfigError, match="checkpoint-every 1"):
+        joeynmt_logging_freq(20, 1)
     for side, lang, spm in (("src", "en", "s.en"), ("trg", "fr", "s.fr")):
         assert joey["data"][side]["lang"] == lang
         assert joey["data"][side]["tokenizer_type"] == "sentencepiece"

@@ -187,8 +187,7 @@ def joeynmt_config(cfg: Config, data: PeerData, model_dir: Path, validation_freq
             "normalization": "tokens", "loss": "crossentropy", "label_smoothing": cfg.optim.label_smoothing,
             "epochs": 100000, "updates": 10**9,  # the budget stops it, not these
             "validation_freq": validation_freq,
-            # JoeyNMT insists on logging more often than it validates.
-            "logging_freq": max(1, min(cfg.logging.log_every, validation_freq - 1)),
+            "logging_freq": joeynmt_logging_freq(cfg.logging.log_every, validation_freq),
             "early_stopping_metric": "bleu", "model_dir": str(model_dir), "overwrite": True, "shuffle": True,
             "use_cuda": False, "fp16": False, "print_valid_sents": [], "keep_best_ckpts": 1, "num_workers": 0,
         },
@@ -204,6 +203,17 @@ def joeynmt_config(cfg: Config, data: PeerData, model_dir: Path, validation_freq
                         "init_hidden": "bridge", "input_feeding": True},
         },
     }
+
+
+def joeynmt_logging_freq(log_every: int, validation_freq: int) -> int:
+    """The largest divisor of ``validation_freq`` below it and at most ``log_every``.
+
+    JoeyNMT 2.3.0 refuses a ``logging_freq`` that is not smaller than, or does not
+    divide, ``validation_freq``.
+    """
+    if validation_freq < 2:
+        raise ConfigError(f"--checkpoint-every {validation_freq}: JoeyNMT needs at least 2 (it logs more often than it validates)")
+    return max(d for d in range(1, min(log_every, validation_freq - 1) + 1) if validation_freq % d == 0)
 
 
 def ensure_joeynmt(venv: Path, install: bool) -> Optional[Path]:
@@ -544,7 +554,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="distnmt config overrides, applied to every system (e.g. data.prepared_dir=...)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="training budget per system, wall clock from its first step (default 20; --tiny 0.1)")
+                        help="training budget per system, wall clock from its first step (default 20; --tiny 0.05)")
     parser.add_argument("--systems", default="distnmt,joeynmt,naive", help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--targets", default="0.1,0.2,0.5,1", help="dev BLEU values to time")
     parser.add_argument("--dev-sentences", type=int, default=500, help="dev (newstest2013) subset each system validates on")
@@ -553,7 +563,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--beam", type=int, default=1, help="beam size for dev and test decoding (1 = greedy)")
     parser.add_argument("--joeynmt-venv", type=Path, default=DEFAULT_VENV, help="JoeyNMT's own virtual environment")
     parser.add_argument("--tiny", action="store_true",
-                        help="seconds: tiny model, 6 s budget, 20 dev/test sentences; JoeyNMT skipped if its venv is missing")
+                        help="seconds: tiny model, 3 s budget, 20 dev/test sentences; JoeyNMT skipped if its venv is missing")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where peer.json/peer.md go")
     args = parser.parse_args(argv)
 
@@ -563,11 +573,12 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     targets = [float(x) for x in args.targets.split(",")]
     overrides = list(args.overrides)
-    args.minutes = args.minutes if args.minutes is not None else (0.1 if args.tiny else 20.0)
+    args.minutes = args.minutes if args.minutes is not None else (0.05 if args.tiny else 20.0)
     if args.tiny:
         overrides += TINY_MODEL
         args.dev_sentences, args.test_sentences = 20, args.test_sentences or 20
-        args.checkpoint_every = min(args.checkpoint_every, 4)
+        # Few checkpoints: each queued validation holds the run open at its end.
+        args.checkpoint_every = min(args.checkpoint_every, 5)
     cfg = load_config(args.config, overrides)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
