@@ -177,14 +177,15 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("data", "model", "train")  # distnmt/bench/<name>.py, each with main(argv) -> int
+# distnmt/bench/<name>.py ("-" -> "_"), each with main(argv) -> int; "all" runs the others in turn.
+BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "all")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run one benchmark; each writes its figures as JSON and markdown (see --help of each)."""
     import importlib
 
-    module = importlib.import_module(f"distnmt.bench.{args.benchmark}")
+    module = importlib.import_module(f"distnmt.bench.{args.benchmark.replace('-', '_')}")
     return int(module.main(args.bench_args))
 
 

@@ -66,6 +66,9 @@ class DataConfig:
     max_tokens: int = 2048
     pool_batches: int = 20
     max_sentences: Optional[int] = None
+    # False: the naive baseline of `distnmt bench peer` (random batches at the same
+    # token budget, no length sorting); true keeps the length-bucketed batches.
+    bucketing: bool = True
 
 
 @dataclass
@@ -129,6 +132,9 @@ class TrainConfig:
     # Consecutive optimizer steps with a non-finite loss or gradient norm (each one
     # skipped, not applied) after which the run stops with an error (issue 9).
     max_nonfinite_steps: int = 100
+    # Wall-clock budget of training in minutes (null: none): when it is spent the loop
+    # checkpoints and stops, as at max_steps (time-to-BLEU benchmarks).
+    max_minutes: Optional[float] = None
 
     @property
     def elastic(self) -> bool:
@@ -386,6 +392,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (cfg.train.threads_per_worker >= 1, "train.threads_per_worker", "must be at least 1"),
         (cfg.train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive"),
         (cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
+        (cfg.train.max_minutes is None or cfg.train.max_minutes > 0, "train.max_minutes", "must be positive or null"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
         (cfg.train.keep_checkpoints is None or cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1 or null"),
         (cfg.train.max_failures >= -1, "train.max_failures", "must be -1 (forever) or more"),

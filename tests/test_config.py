@@ -134,3 +134,15 @@ def test_elastic_workers_keep_the_effective_batch() -> None:
     assert (fixed.elastic, fixed.min_workers, fixed.max_workers, fixed.accumulate_at(3)) == (False, 3, 3, 1)
     same = load_config(None, ["train.workers=[2, 2]"]).train
     assert not same.elastic and same.max_workers == 2
+
+
+def test_benchmark_keys_bucketing_and_max_minutes() -> None:
+    """data.bucketing (the naive baseline) and train.max_minutes (time-to-BLEU budget), issue 8."""
+    cfg = load_config(REPO / "configs/quickstart.yaml")
+    assert cfg.data.bucketing is True and cfg.train.max_minutes is None
+    cfg = load_config(REPO / "configs/quickstart.yaml", ["data.bucketing=false", "train.max_minutes=2.5"])
+    assert cfg.data.bucketing is False and cfg.train.max_minutes == 2.5
+    with pytest.raises(ConfigError, match=r"train\.max_minutes: 0\.0 must be positive or null"):
+        load_config(REPO / "configs/quickstart.yaml", ["train.max_minutes=0"])
+    with pytest.raises(ConfigError, match=r"data\.bucketing"):
+        load_config(REPO / "configs/quickstart.yaml", ["data.bucketing=3"])

@@ -113,7 +113,7 @@ def test_sampler_resumes_exactly(word_lengths) -> None:
     head = [next(it) for _ in range(10)]
     state = run.state_dict()
     assert state == {"epoch": 2, "position": 10, "history": [], "seed": 5, "num_replicas": 2, "max_tokens": 4096,
-                     "pool_batches": 20, "max_sentences": None, "shuffle": True}
+                     "pool_batches": 20, "max_sentences": None, "shuffle": True, "bucketing": True}
 
     # a fresh process: same config, state from rank 0's checkpoint (states are rank-independent)
     resumed = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=5)
@@ -123,7 +123,8 @@ def test_sampler_resumes_exactly(word_lengths) -> None:
     resumed.set_epoch(3)
     assert resumed.state_dict()["position"] == 0 and len(list(resumed)) == len(resumed)
 
-    for key, value in (("seed", 6), ("max_tokens", 2048), ("pool_batches", 5), ("max_sentences", 80)):
+    for key, value in (("seed", 6), ("max_tokens", 2048), ("pool_batches", 5), ("max_sentences", 80),
+                       ("bucketing", False)):
         other = BucketBatchSampler(src, tgt, max_tokens=4096, num_replicas=2, rank=1, seed=5)
         with pytest.raises(ValueError, match=key):
             other.load_state_dict({**state, key: value})
@@ -160,6 +161,19 @@ def test_sampler_padding_efficiency(word_lengths) -> None:
     assert random_eff < 0.6
     assert default.padding_efficiency() > 0.85
     assert wide.padding_efficiency() >= 0.9
+
+
+def test_unbucketed_baseline_is_the_greedy_cut_of_the_shuffled_order(word_lengths) -> None:
+    """bucketing=False (the naive baseline of `distnmt bench peer`): batches are the shuffled
+    order cut greedily under the budget, unsorted, so padding is that of random batching."""
+    src, tgt = word_lengths
+    naive = BucketBatchSampler(src, tgt, max_tokens=4096, seed=2, shuffle=False, bucketing=False)
+    batches = _epoch(naive)
+    assert [i for b in batches for i in b] == list(range(len(src)))  # unshuffled: the corpus order, uncut
+    for b, after in zip(batches, batches[1:]):
+        assert _cost(src, tgt, b) <= 4096 < _cost(src, tgt, b + after[:1])  # greedy: the next pair would not fit
+    shuffled = BucketBatchSampler(src, tgt, max_tokens=4096, seed=2, bucketing=False)
+    assert shuffled.padding_efficiency() < 0.6 < BucketBatchSampler(src, tgt, max_tokens=4096).padding_efficiency()
 
 
 def test_whole_epoch_bucketing_and_sentence_cap(word_lengths) -> None:
@@ -219,10 +233,13 @@ _lengths = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=
 
 @settings(max_examples=150, deadline=None)
 @given(pairs=_lengths, max_tokens=st.integers(41, 400), world=st.integers(1, 5), seed=st.integers(0, 3),
-       pool=st.integers(0, 6), cap=st.none() | st.integers(1, 12), shuffle=st.booleans(), epoch=st.integers(0, 2))
-def test_property_once_per_epoch_equal_counts_deterministic(pairs, max_tokens, world, seed, pool, cap, shuffle, epoch) -> None:
+       pool=st.integers(0, 6), cap=st.none() | st.integers(1, 12), shuffle=st.booleans(), epoch=st.integers(0, 2),
+       bucketing=st.booleans())
+def test_property_once_per_epoch_equal_counts_deterministic(pairs, max_tokens, world, seed, pool, cap, shuffle, epoch,
+                                                            bucketing) -> None:
     src, tgt = np.array(pairs).T
-    kw = dict(max_tokens=max_tokens, seed=seed, pool_batches=pool, max_sentences=cap, shuffle=shuffle)
+    kw = dict(max_tokens=max_tokens, seed=seed, pool_batches=pool, max_sentences=cap, shuffle=shuffle,
+              bucketing=bucketing)
     samplers = _samplers(src, tgt, world, **kw)
     for s in samplers:
         s.set_epoch(epoch)
@@ -246,10 +263,10 @@ def test_property_once_per_epoch_equal_counts_deterministic(pairs, max_tokens, w
 
 @settings(max_examples=150, deadline=None)
 @given(pairs=_lengths, max_tokens=st.integers(41, 300), world=st.integers(1, 4), new_world=st.integers(1, 4),
-       stop=st.integers(0, 30), seed=st.integers(0, 3))
-def test_property_resume_equals_uninterrupted(pairs, max_tokens, world, new_world, stop, seed) -> None:
+       stop=st.integers(0, 30), seed=st.integers(0, 3), bucketing=st.booleans())
+def test_property_resume_equals_uninterrupted(pairs, max_tokens, world, new_world, stop, seed, bucketing) -> None:
     src, tgt = np.array(pairs).T
-    kw = dict(max_tokens=max_tokens, seed=seed, pool_batches=2)
+    kw = dict(max_tokens=max_tokens, seed=seed, pool_batches=2, bucketing=bucketing)
     try:
         uninterrupted = [_epoch(s) for s in _samplers(src, tgt, world, **kw)]
     except DataError:
@@ -286,14 +303,14 @@ _segments = st.lists(st.tuples(st.integers(1, 4), st.integers(0, 12), st.integer
 
 @settings(max_examples=200, deadline=None)
 @given(pairs=_lengths, max_tokens=st.integers(41, 300), segments=_segments, seed=st.integers(0, 3),
-       pool=st.integers(0, 4))
-def test_property_elastic_world_sizes_train_every_pair_once(pairs, max_tokens, segments, seed, pool) -> None:
+       pool=st.integers(0, 4), bucketing=st.booleans())
+def test_property_elastic_world_sizes_train_every_pair_once(pairs, max_tokens, segments, seed, pool, bucketing) -> None:
     """Elastic training, simulated: each segment runs at some world size, takes a checkpoint
     after ``keep`` steps, runs ``lost`` more steps and dies (those batches are redone); the
     last world size finishes the epoch. Every pair is trained on, and a pair is trained
     twice only if it was in a lost (redone) batch; every batch stays within the budget."""
     src, tgt = np.array(pairs).T
-    kw = dict(max_tokens=max_tokens, seed=seed, pool_batches=pool)
+    kw = dict(max_tokens=max_tokens, seed=seed, pool_batches=pool, bucketing=bucketing)
     state = None
     trained: list[int] = []
     lost: set[int] = set()

@@ -15,6 +15,8 @@ batch list independently (no communication) and takes its own slice of it:
    stays within ``max_tokens`` and, if given, at most ``max_sentences`` pairs (the
    paper's batches are 80 sentences);
 4. shuffle the batch list, so lengths are mixed over the epoch;
+   (``bucketing=False``, the naive baseline: step 2 is skipped, so batches are cut
+   from the shuffled order as it is, at the same token budget, with no length sorting);
 5. split the last ``len % num_replicas`` batches into ``num_replicas`` smaller
    ones, so every rank gets the same number of batches (which DDP needs to not
    hang) and no pair is left out; rank r takes batches r, r + W, r + 2W, ...
@@ -61,6 +63,7 @@ class BucketBatchSampler:
         shuffle: bool = True,
         pool_batches: int = 20,
         max_sentences: int | None = None,
+        bucketing: bool = True,
     ) -> None:
         src = np.asarray(src_lengths)
         tgt = np.asarray(tgt_lengths)
@@ -94,7 +97,8 @@ class BucketBatchSampler:
         self.shuffle = bool(shuffle)
         self.pool_batches = int(pool_batches)
         self.max_sentences = max_sentences
-        if self.pool_batches == 0:
+        self.bucketing = bool(bucketing)
+        if self.pool_batches == 0 or not self.bucketing:  # unbucketed: one pool, never sorted
             self._pool_size = len(src)
         else:
             # A pool holds about pool_batches batches: estimate the batch size from the
@@ -128,9 +132,10 @@ class BucketBatchSampler:
         if self._split_cache is None or self._split_cache[0] != key:
             rest = self._all_batches()
             for replicas, steps in self.history:
-                kept, _ = _divide(rest, replicas)
+                kept, dropped = _divide(rest, replicas)
                 if kept:  # else those ranks could take nothing: the rest passes on whole
-                    rest = kept[steps * replicas:]
+                    # What they would have dropped at the epoch's end they never reached: it passes on.
+                    rest = kept[steps * replicas:] + dropped
             kept, dropped = _divide(rest, self.num_replicas)
             if not kept and not self.history and rest:
                 raise DataError(
@@ -145,6 +150,13 @@ class BucketBatchSampler:
         rng = np.random.default_rng((self.seed, epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         pool = np.arange(n) // self._pool_size
+        if not self.bucketing:
+            # The naive baseline: cut the shuffled order as it is (the greedy cut
+            # needs no sorting: k * running max still only grows with k).
+            batches = self._cut(order, self._cost[order], pool)
+            if self.shuffle:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            return batches
         # Sort inside each pool by cost (a batch's cost is its costliest pair), then
         # by source, then target length. Source second because English is the
         # shorter side here, so the source is what the cost order leaves ragged;
@@ -245,6 +257,7 @@ class BucketBatchSampler:
             "pool_batches": self.pool_batches,
             "max_sentences": self.max_sentences,
             "shuffle": self.shuffle,
+            "bucketing": self.bucketing,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -255,8 +268,8 @@ class BucketBatchSampler:
         batches (same seed, budget, pools, sentence cap); the number of replicas may
         differ (see the module docstring).
         """
-        for key in ("seed", "max_tokens", "pool_batches", "max_sentences", "shuffle"):
-            if key in state and state[key] != getattr(self, key):  # older states lack the last three
+        for key in ("seed", "max_tokens", "pool_batches", "max_sentences", "shuffle", "bucketing"):
+            if key in state and state[key] != getattr(self, key):  # older states lack the last four
                 raise ValueError(
                     f"sampler state has {key}={state[key]} but this sampler has {key}={getattr(self, key)}; "
                     "its batches would differ from the ones already trained on, so it cannot resume exactly"
@@ -292,8 +305,9 @@ def _divide(batches: list[np.ndarray], parts: int) -> tuple[list[np.ndarray], li
     final step; they are cut into ``parts`` smaller batches instead (halving the
     largest: a batch is sorted by length, so each half keeps like with like, and
     half a batch never costs more tokens than the whole). When they hold fewer
-    pairs than ``parts``, the round before them joins in, and so on. Only when all
-    of ``batches`` holds fewer pairs than ``parts`` is anything dropped.
+    pairs than ``parts``, the round before them joins in, and so on. Only when even
+    all of ``batches`` holds too few pairs is anything dropped: the last
+    ``len % parts`` batches, fewer than ``parts`` pairs in all.
     """
     tail = len(batches) % parts
     if tail == 0:
@@ -310,4 +324,7 @@ def _divide(batches: list[np.ndarray], parts: int) -> tuple[list[np.ndarray], li
                 pieces[i:i + 1] = [pieces[i][:half], pieces[i][half:]]
             return list(batches[:cut]) + pieces, []
         cut -= parts
-    return [], list(batches)
+    # Too few pairs to split into whole rounds (single-pair batches, as unbucketed
+    # random batches of long pairs can be): keep the whole rounds, drop the tail,
+    # which then holds fewer than ``parts`` pairs.
+    return list(batches[:len(batches) - tail]), list(batches[len(batches) - tail:])

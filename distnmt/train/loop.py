@@ -141,6 +141,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler = BucketBatchSampler(
         src.lengths, tgt.lengths, cfg.data.max_tokens, num_replicas=world, rank=rank,
         seed=cfg.train.seed, pool_batches=cfg.data.pool_batches, max_sentences=cfg.data.max_sentences,
+        bucketing=cfg.data.bucketing,
     )
     vocab_size = {
         "src": Tokenizer(prepared / f"spm.{src_lang}.model").vocab_size,
@@ -196,6 +197,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _say(_effective_batch_line(saved_cfg, world))
 
     meter = _Meter()
+    # train.max_minutes counts from here: this worker group's first step (a restarted
+    # group gets the budget afresh; the benchmarks that use it run once).
+    deadline = time.time() + 60 * cfg.train.max_minutes if cfg.train.max_minutes is not None else None
     stop_reason: Optional[str] = None
     preempted = False  # a just-in-time checkpoint is written once per preemption notice
     nonfinite = 0  # consecutive steps with a non-finite loss or gradient (not applied)
@@ -223,7 +227,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _report_nonfinite(cfg, run_dir, step, nonfinite, rank)
                 stop_reason = "non-finite loss"
                 break
-            checkpoint_now = step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps
+            out_of_time = deadline is not None and _out_of_time(deadline, rank, device)
+            checkpoint_now = step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps or out_of_time
             if not preempted and step % cfg.train.preemption_check_every == 0:
                 preempted = _preemption_notice(rank, step)  # a barrier: every rank asks at the same steps
                 checkpoint_now |= preempted
@@ -231,6 +236,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _checkpoint_and_report(saved_cfg, engine, sampler, step, epoch, rank, world, manifest, vocab_size,
                                        wandb_run.id if wandb_run is not None else wandb_id)
                 stop_reason = _stop_requested(loop_config, rank)
+            if out_of_time and not stop_reason:
+                stop_reason = f"train.max_minutes={cfg.train.max_minutes:g} spent"
             if step >= cfg.train.max_steps or stop_reason:
                 break
         else:
@@ -412,6 +419,18 @@ def _stop_requested(loop_config: dict[str, Any], rank: int) -> Optional[str]:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(reason, src=0)
     return reason[0]
+
+
+def _out_of_time(deadline: float, rank: int, device: torch.device) -> bool:
+    """Whether train.max_minutes is spent, decided by rank 0 and the same on every rank.
+
+    Each rank's own clock could tip over at different steps, and a rank that stops
+    while another goes on would hang DDP; a MAX all-reduce of rank 0's flag cannot.
+    """
+    flag = torch.tensor([1 if rank == 0 and time.time() >= deadline else 0], dtype=torch.int32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _nan_injected(step: int) -> bool:
