@@ -218,3 +218,15 @@ def test_max_minutes_stop_is_decided_on_rank_0_and_shared(tmp_path: Path) -> Non
     mp.start_processes(_agree, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True,
                        start_method="fork")
     assert [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)] == [[True, False], [True, False]]
+
+
+def test_naive_differs_from_distnmt_in_bucketing_only(tmp_path: Path) -> None:
+    """The naive baseline is distnmt's own run with data.bucketing=false, nothing else."""
+    from distnmt.bench.peer import distnmt_sets
+
+    ours = distnmt_sets("distnmt", ["data.max_tokens=600"], 2.0, 40, tmp_path, 1)
+    naive = distnmt_sets("naive", ["data.max_tokens=600"], 2.0, 40, tmp_path, 1)
+    differ = set(ours) ^ set(naive)
+    assert differ == {"data.bucketing=true", "data.bucketing=false", "train.name=distnmt", "train.name=naive"}
+    cfg = load_config(None, naive)
+    assert cfg.data.bucketing is False and cfg.data.max_tokens == 600 and cfg.train.max_minutes == 2.0

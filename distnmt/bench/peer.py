@@ -376,6 +376,15 @@ def _decode_test(checkpoint: Path, test_prefix: Path, cfg: Config, beam: int) ->
     return score_corpus(hyps, refs).to_dict() | {"decode_s": round(time.time() - started, 1)}
 
 
+def distnmt_sets(name: str, overrides: list[str], minutes: float, checkpoint_every: int, runs: Path,
+                 beam: int) -> list[str]:
+    """``--set`` items of a distnmt or naive run: the two differ in ``data.bucketing`` only."""
+    return [*overrides, f"train.max_minutes={minutes}", "train.max_steps=1000000000",
+            f"train.checkpoint_every={checkpoint_every}", f"train.storage_path={runs}", f"train.name={name}",
+            "eval.split=dev", "eval.test_at_end=false", "eval.figures=false", "logging.wandb=disabled",
+            f"eval.beam_size={beam}", f"data.bucketing={'false' if name == 'naive' else 'true'}"]
+
+
 def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minutes: float, out: Path,
                 data: PeerData, beam: int, targets: list[float], checkpoint_every: int) -> dict[str, Any]:
     """One distnmt run (``naive``: without bucketing) under the budget, and its figures."""
@@ -383,10 +392,7 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
     from distnmt.model.build import build_model
 
     runs = out / "runs"
-    sets = [*overrides, f"train.max_minutes={minutes}", "train.max_steps=1000000000",
-            f"train.checkpoint_every={checkpoint_every}", f"train.storage_path={runs}", f"train.name={name}",
-            "eval.split=dev", "eval.test_at_end=false", "eval.figures=false", "logging.wandb=disabled",
-            f"eval.beam_size={beam}", f"data.bucketing={'false' if name == 'naive' else 'true'}"]
+    sets = distnmt_sets(name, overrides, minutes, checkpoint_every, runs, beam)
     cfg = load_config(cfg_path, sets)
     dev_lines = sum(1 for _ in open(f"{data.dev}.{cfg.data.src_lang}", encoding="utf-8"))
     cfg = load_config(cfg_path, [*sets, f"eval.max_sentences={dev_lines}"])

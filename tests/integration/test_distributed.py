@@ -1,5 +1,7 @@
-"""Real multi-process training on Ray: DeepSpeed ZeRO-1/2 on CPU (gloo), exact
-resume, and a worker killed mid-epoch that Ray replaces with nothing lost."""
+"""Real multi-process training on Ray: exact resume, and a worker killed mid-epoch
+that Ray replaces with nothing lost. DeepSpeed runs with real processes are in
+test_elastic.py (ZeRO-1, through 2 -> 1 -> 2 workers) and test_reliability_ray.py
+(ZeRO-2, bf16, resumed by reruns and through a worker kill)."""
 
 from __future__ import annotations
 
@@ -15,39 +17,9 @@ from distnmt.data.shards import TokenArray
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
-
-
-def _deepspeed(stage: int, precision: str) -> list[str]:
-    return ["train.backend=deepspeed", f"train.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json",
-            f"train.precision={precision}", "train.checkpoint_every=10", "eval.max_sentences=10",
-            "eval.test_at_end=false", "eval.figures=false"]
-
-
-def test_deepspeed_zero1_trains_checkpoints_and_resumes_on_fewer_workers(tiny_config, tmp_path: Path) -> None:
-    """ZeRO-2 (bf16) training, its per-rank partitions and its resume through DeepSpeed's
-    load_checkpoint are in test_reliability_ray.py's driver test; this one is ZeRO-1."""
-    from distnmt.train.driver import run_training
-
-    # ZeRO-1, fp32: trains and writes one optimizer partition per rank.
-    run_training(tiny_config(tmp_path, "z1", "train.max_steps=10", *_deepspeed(1, "fp32")))
-    shards = sorted((tmp_path / "z1/checkpoint_00000010/deepspeed/state").glob("*optim_states.pt"))
-    assert len(shards) == 2, shards
-    # The same run resumed on 1 worker (elastic: a node lost): the 2 partitions are
-    # converted to a universal checkpoint and re-partitioned, Adam's state included.
-    run_training(tiny_config(tmp_path, "z1", "train.max_steps=20", "train.workers=1", *_deepspeed(1, "fp32")))
-    assert _checkpoints(tmp_path / "z1") == ["checkpoint_00000010", "checkpoint_00000020"]
-    shards = sorted((tmp_path / "z1/checkpoint_00000020/deepspeed/state").glob("*optim_states.pt"))
-    assert len(shards) == 1, shards
-    adam = torch.load(shards[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]  # our own file
-    state = adam["base_optimizer_state"]
-    state = state["state"] if isinstance(state, dict) else state
-    assert int(state[0]["step"]) == 20  # 10 steps before the resize + 10 after: the moments were carried over
-    assert not (tmp_path / "z1/universal").exists() or not any((tmp_path / "z1/universal").iterdir())
 
 
 def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path: Path) -> None:
