@@ -299,3 +299,28 @@ def test_download_needs_registry_parts(tmp_path: Path) -> None:
         prepare(None, tmp_path, parts=["europarl"], progress=False)
     with pytest.raises(DataError, match=r"^data.preset: unknown preset 'full'"):
         prepare(None, tmp_path, preset="full", progress=False)
+
+
+def _sigterm_disposition(_: int) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_pool_workers_die_on_sigterm_whatever_the_parents_handler() -> None:
+    """ray.init leaves a Python SIGTERM handler in its process; forked prepare workers
+    inheriting it once outlived Pool.terminate() and hung the suite. They must not."""
+    import signal
+    import sys
+
+    from distnmt.data.stages import Workers
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
+    try:
+        seen: list[bool] = []
+        with Workers(2) as pool:
+            for i in range(4):
+                pool.submit(_sigterm_disposition, i, seen.append)
+        assert seen == [True] * 4
+    finally:
+        signal.signal(signal.SIGTERM, previous)

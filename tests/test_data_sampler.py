@@ -362,3 +362,23 @@ def test_training_loop_does_not_let_ray_replace_the_sampler() -> None:
         if "prepare_data_loader(" in text:
             assert "add_dist_sampler=False" in text, f"{path}: prepare_data_loader would replace BucketBatchSampler"
     assert "BucketBatchSampler(" in (REPO / "distnmt/train/loop.py").read_text(encoding="utf-8")
+
+
+def test_resumed_at_the_end_of_an_epoch_share_on_fewer_ranks(word_lengths) -> None:
+    """A checkpoint taken as 2 ranks finished their share of the epoch, resumed on 1:
+    nothing is left of that epoch (0 batches), and the sampler still reports its figures
+    (the elastic run once died here dividing by zero) and moves on to the next epoch."""
+    src, tgt = word_lengths
+    two = BucketBatchSampler(src, tgt, 2048, num_replicas=2, rank=0, seed=3)
+    two.set_epoch(0)
+    done = len(two)
+    for _ in two:
+        pass
+    state = two.state_dict()
+    assert state["position"] == done
+    one = BucketBatchSampler(src, tgt, 2048, num_replicas=1, rank=0, seed=3)
+    one.load_state_dict(state)
+    assert len(one) == 0 and list(one) == []
+    assert 0.5 < one.padding_efficiency() <= 1.0  # the whole epoch's figure
+    one.set_epoch(1)
+    assert len(one) > 0 and 0.5 < one.padding_efficiency() <= 1.0

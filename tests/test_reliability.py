@@ -442,3 +442,14 @@ def test_every_test_docs_reliability_cites_exists() -> None:
                 assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"{last_file}::{name} cited but not defined"
                 cited += 1
     assert cited >= 50
+
+
+def test_an_unscored_checkpoint_is_reported_with_a_strict_json_bleu() -> None:
+    """Ray keeps its checkpoint list as JSON that turns NaN into null; a rerun restoring
+    it could then not rank the next checkpoint. The placeholder BLEU is finite, valid
+    strict JSON, and below any real score."""
+    from distnmt.train.loop import UNSCORED_BLEU, _reported_metrics
+
+    metrics = _reported_metrics(30, 2)
+    assert json.loads(json.dumps(metrics, allow_nan=False)) == {"step": 30, "epoch": 2, "bleu": UNSCORED_BLEU}
+    assert UNSCORED_BLEU < 0.0

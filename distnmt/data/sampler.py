@@ -288,14 +288,18 @@ class BucketBatchSampler:
         self.position = position
 
     def padding_efficiency(self) -> float:
-        """Real tokens / padded tokens (source and target tensors) over this epoch's kept batches."""
+        """Real tokens / padded tokens (source and target tensors) over this epoch's kept batches.
+
+        A group resumed exactly at the end of an epoch's share has no batches left in
+        it (``len(self) == 0``): the figure is then the whole epoch's.
+        """
         kept, _ = self._split()
         real = padded = 0
-        for b in kept:
+        for b in kept or self._all_batches():
             src, tgt = self._src_len[b], self._tgt_len[b]
             real += int(src.sum() + tgt.sum())
             padded += len(b) * int(src.max() + tgt.max())
-        return real / padded
+        return real / padded if padded else float("nan")
 
 
 def _divide(batches: list[np.ndarray], parts: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -291,6 +292,20 @@ def in_child(fn: Callable[[Any], Any], arg: Any) -> Any:
         return pool.apply(fn, (arg,))
 
 
+def _start_worker(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
+    """First thing in each pool worker: SIGTERM kills it, as ``Pool.terminate()`` expects.
+
+    A forked worker inherits its parent's Python-level SIGTERM handler (``ray.init``
+    leaves one behind in the process that called it). With such a handler a worker
+    blocked on the task queue's lock outlived ``terminate()`` and ``join()`` waited
+    forever: seen when ``prepare`` failed on bad input in a process that had run
+    training before (the test suite hung there).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 class Workers:
     """A process pool with a bounded queue; results come back in submission order.
 
@@ -307,7 +322,8 @@ class Workers:
         if self.processes > 1:
             # fork: workers start in milliseconds and inherit the loaded modules.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self._pool = multiprocessing.get_context(method).Pool(self.processes, initializer, initargs)
+            self._pool = multiprocessing.get_context(method).Pool(
+                self.processes, _start_worker, (initializer, initargs))
         elif initializer is not None:
             initializer(*initargs)
 

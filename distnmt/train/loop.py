@@ -398,8 +398,7 @@ def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSamp
         torch.save(_rng_state(), directory / RNG_DIR / f"rank{rank}.pt")
         write_rank_manifest(directory, rank)  # last: it vouches for this rank's files
         ray.train.report(
-            # bleu: NaN until the evaluator's score replaces it (NaN ranks below any score).
-            {"step": step, "epoch": epoch, "bleu": float("nan")},
+            _reported_metrics(step, epoch),
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
             checkpoint_dir_name=name,
             validation=True,
@@ -431,6 +430,18 @@ def _out_of_time(deadline: float, rank: int, device: torch.device) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+# The dev BLEU a checkpoint is reported with until the evaluator's score replaces it:
+# below any BLEU (0-100), so an unscored checkpoint ranks last. Not NaN: Ray saves its
+# checkpoint list as JSON that writes NaN as null, and a rerun restoring that list then
+# fails to rank the next checkpoint (seen: a driver SIGKILLed with one unscored).
+UNSCORED_BLEU = -1.0
+
+
+def _reported_metrics(step: int, epoch: int) -> dict[str, Any]:
+    """What rank 0 reports with a checkpoint (Ray ranks checkpoints by ``bleu``)."""
+    return {"step": step, "epoch": epoch, "bleu": UNSCORED_BLEU}
 
 
 def _nan_injected(step: int) -> bool:
