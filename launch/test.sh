@@ -6,4 +6,5 @@ bash launch/setup.sh
 . "${DISTNMT_VENV:-.venv}/bin/activate"
 # W&B never goes online from tests.
 export WANDB_MODE=offline
-exec python -m pytest -q -ra "$@"
+# --durations: the slowest tests in every log, to keep the suite within its 15 minutes.
+exec python -m pytest -q -ra --durations=15 "$@"
