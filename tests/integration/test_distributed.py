@@ -25,7 +25,7 @@ def _checkpoints(run_dir: Path) -> list[str]:
 def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path: Path) -> None:
     """fp32 on CPU is deterministic: a run stopped at step 8 and resumed must end
     with exactly the parameters of a run that never stopped."""
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     common = ["train.checkpoint_every=8", "eval.max_sentences=5", "model.dropout=0.1",
               "eval.test_at_end=false", "eval.figures=false"]
@@ -65,7 +65,7 @@ def _rank_batches(prepared: Path, epoch: int, world: int, max_tokens: int, seed:
 def test_killed_worker_is_replaced_and_every_pair_is_trained_once(
     tiny_config, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     marker = tmp_path / "killed"
     # Rank 1 is SIGKILLed as it starts step 19, while rank 0 waits in that step's all-reduce.

@@ -32,7 +32,7 @@ def _checkpoints(run_dir: Path) -> list[str]:
 def test_a_loss_that_stays_nan_stops_the_run_with_its_last_good_checkpoint(
     tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from distnmt.train.driver import TrainingError, run_training
+    from distnmt.orchestrate import TrainingError, run_training
 
     # Step 4 alone is NaN (skipped; training goes on), then every step from 9 on.
     monkeypatch.setenv("DISTNMT_FAULT_NAN", "4,9-")
@@ -57,7 +57,7 @@ def test_a_loss_that_stays_nan_stops_the_run_with_its_last_good_checkpoint(
     # The CLI prints it as one line and exits 1 (what `distnmt train` does with TrainingError).
     from distnmt.cli import main
 
-    monkeypatch.setattr("distnmt.train.driver.run_training", lambda cfg: (_ for _ in ()).throw(info.value))
+    monkeypatch.setattr("distnmt.orchestrate.run_training", lambda cfg: (_ for _ in ()).throw(info.value))
     assert main(["train"]) == 1
 
 
