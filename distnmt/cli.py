@@ -77,7 +77,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with Ray (local cluster unless an address is given); the evaluator scores checkpoints."""
-    from distnmt.train.driver import TrainingError, run_training
+    from distnmt.orchestrate import TrainingError, run_training
 
     overrides = list(args.overrides)
     if args.address:

@@ -192,34 +192,6 @@ def test_bench_all_runs_every_benchmark_into_one_out(tmp_path: Path) -> None:
     assert dict(steps)["eval-lag"][:2] == ["--run", str(tmp_path / "runs/distnmt")]
 
 
-def _agree(rank: int, init_file: str, results: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from distnmt.train.loop import _out_of_time
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        now = time.time()
-        # Rank 0's clock decides: past on rank 0 only -> both stop; past on rank 1 only -> neither.
-        first = _out_of_time(now - 1 if rank == 0 else now + 60, rank, torch.device("cpu"))
-        second = _out_of_time(now + 60 if rank == 0 else now - 1, rank, torch.device("cpu"))
-        Path(f"{results}.{rank}").write_text(json.dumps([first, second]))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_max_minutes_stop_is_decided_on_rank_0_and_shared(tmp_path: Path) -> None:
-    """train.max_minutes: every rank stops at the same step (a disagreement would hang DDP)."""
-    import torch.multiprocessing as mp
-
-    import distnmt.train.loop  # noqa: F401  (imported once here; the forked ranks inherit it)
-
-    mp.start_processes(_agree, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True,
-                       start_method="fork")
-    assert [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)] == [[True, False], [True, False]]
-
-
 def test_naive_differs_from_distnmt_in_bucketing_only(tmp_path: Path) -> None:
     """The naive baseline is distnmt's own run with data.bucketing=false, nothing else."""
     from distnmt.bench.peer import distnmt_sets

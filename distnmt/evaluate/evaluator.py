@@ -42,7 +42,7 @@ from typing import Any, Iterator, Optional
 import ray
 import torch
 
-from distnmt.checkpoint import read_meta
+from distnmt.checkpoint import META_FILE, is_checkpoint_name, list_checkpoints, meta_path, read_meta
 from distnmt.config import Config, config_from_dict
 from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.policy import EarlyStopping, Record, best_record, should_skip
@@ -243,7 +243,7 @@ class Evaluator:
         name = posixpath.basename(checkpoint.path.rstrip("/"))
         step = self._step_of(checkpoint.filesystem, checkpoint.path)
         self._known[name] = step
-        reported_at = _mtime(checkpoint.filesystem, posixpath.join(checkpoint.path, "meta.json"))
+        reported_at = _mtime(checkpoint.filesystem, posixpath.join(checkpoint.path, META_FILE))
         with self._lock:  # decided at the checkpoint's turn: what is known then is what counts
             if self._find(self.split, name) is None:
                 for skip in self.store.skipped:
@@ -269,7 +269,7 @@ class Evaluator:
         return record
 
     def _step_of(self, filesystem: Any, path: str) -> int:
-        with filesystem.open_input_stream(posixpath.join(path, "meta.json")) as stream:
+        with filesystem.open_input_stream(posixpath.join(path, META_FILE)) as stream:
             return int(json.loads(stream.read().decode("utf-8"))["step"])
 
     def _discover(self, checkpoint: "ray.train.Checkpoint") -> None:
@@ -283,7 +283,7 @@ class Evaluator:
             return  # storage unreachable right now: decide on what the calls told us
         for info in infos:
             name = info.base_name
-            if info.type != pyarrow.fs.FileType.Directory or not name.startswith("checkpoint_") or name in self._known:
+            if info.type != pyarrow.fs.FileType.Directory or not is_checkpoint_name(name) or name in self._known:
                 continue
             try:
                 self._known[name] = self._step_of(filesystem, info.path)
@@ -360,16 +360,13 @@ class Evaluator:
         checkpoint could go unscored. Its directory is in the run directory; it is
         scored here (or, under policy "newest", recorded as skipped for the newest).
         """
-        on_disk = sorted(
-            (p for p in self.run_dir.glob("checkpoint_*") if (p / "meta.json").is_file()),
-            key=lambda p: int(read_meta(p)["step"]),
-        )
+        on_disk = sorted(list_checkpoints(self.run_dir), key=lambda p: int(read_meta(p)["step"]))
         skipped = {r["checkpoint"] for r in self.store.skipped if r["split"] == self.split}
         for path in on_disk:
             if self._find(self.split, path.name) is not None or path.name in skipped:
                 continue
             step = int(read_meta(path)["step"])
-            reported_at = (path / "meta.json").stat().st_mtime
+            reported_at = meta_path(path).stat().st_mtime
             if self.cfg.eval.policy == "newest" and path != on_disk[-1]:
                 self._skip(path.name, step, on_disk[-1].name, reported_at, str(path))
                 continue
@@ -415,7 +412,7 @@ class Evaluator:
             return
         try:
             checkpoint = ray.train.Checkpoint(path)
-            exists = checkpoint.filesystem.get_file_info(posixpath.join(checkpoint.path, "meta.json")).is_file
+            exists = checkpoint.filesystem.get_file_info(posixpath.join(checkpoint.path, META_FILE)).is_file
         except (OSError, ValueError):
             exists = False
         if not exists:

@@ -22,7 +22,7 @@ from distnmt.evaluate.evaluator import SLOWDOWN_ENV
 
 pytestmark = pytest.mark.integration
 
-NAMESPACE = "distnmt"  # distnmt.train.driver.NAMESPACE (not imported: collecting must not need train/)
+NAMESPACE = "distnmt"  # distnmt.orchestrate.NAMESPACE (not imported: collecting must not need train/)
 TINY = [
     "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
     "data.max_len=30", "data.max_tokens=600", "data.vocab_size=800",
@@ -56,7 +56,7 @@ def local_ray() -> Iterator[None]:
 
 
 def _train(prepared: Path, storage: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     cfg = load_config(None, TINY + overrides + [
         f"data.prepared_dir={prepared}", f"train.storage_path={storage}", f"train.name={name}",
