@@ -109,15 +109,17 @@ def _eval_overrides(args: argparse.Namespace, cfg: Config) -> EvalConfig:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score one checkpoint, or the average of the last N, on dev or test without Ray Train."""
-    import os
+    """Score one checkpoint, or the average of the last N, on dev or test: no Ray, no evaluator actor."""
     import shutil
+
+    import torch
 
     from distnmt.checkpoint import check_vocab, read_meta
     from distnmt.config import _apply_override, config_from_dict, parse_override
     from distnmt.data.prepared import PreparedData
     from distnmt.evaluate.average import average_checkpoints, last_checkpoints
-    from distnmt.evaluate.evaluator import Evaluator
+    from distnmt.evaluate.records import RecordStore
+    from distnmt.evaluate.score import decode_settings, evaluate_checkpoint, load_split
 
     checkpoint = Path(args.checkpoint)
     if args.config:
@@ -132,7 +134,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     prepared = args.prepared or Path(cfg.data.prepared_dir)
     # The checkpoint decodes with its own sentencepiece models, but data prepared with
     # another vocabulary means another preparation than the one it was trained for.
-    check_vocab(read_meta(checkpoint), PreparedData(Path(prepared), cfg.data.src_lang, cfg.data.tgt_lang).spm_sha256, checkpoint)
+    prepared_data = PreparedData(Path(prepared), cfg.data.src_lang, cfg.data.tgt_lang)
+    check_vocab(read_meta(checkpoint), prepared_data.spm_sha256, checkpoint)
     out = args.out or checkpoint.parent
     if args.average < 1:
         raise ConfigError(f"--average {args.average}: must be at least 1 (1 = no averaging)")
@@ -142,18 +145,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shutil.rmtree(averaged, ignore_errors=True)  # the same inputs give the same average: rewrite it
         checkpoint = average_checkpoints(paths, averaged)
         print(f"[evaluate] averaged {' '.join(p.name for p in paths)} into {checkpoint}", flush=True)
-    evaluator = Evaluator(cfg.to_dict(), str(prepared), str(out))
-    record = evaluator.score(str(checkpoint))
+    torch.set_num_threads(cfg.eval.threads)
+    device = "cuda" if cfg.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    split = load_split(prepared_data, cfg, cfg.eval.split)
+    store = RecordStore(Path(out) / "eval")
     # A checkpoint already scored with these settings is not decoded again.
-    reused = " (persisted score reused)" if record.get("evaluator_pid") != os.getpid() else ""
+    record = store.find(split.name, checkpoint.name, decode_settings(cfg.eval, len(split.sources)))
+    reused = " (persisted score reused)" if record is not None else ""
+    if record is None:
+        record = evaluate_checkpoint(checkpoint, checkpoint.name, split, cfg.eval, store, "evaluate", device).record
+    cpu = "" if record.decode_cpu_seconds is None else f"; {record.decode_cpu_seconds:.1f} s of CPU"
     print(
-        f"[evaluate] {record['sentences']} sentences, beam {record['beam_size']}: decoded in "
-        f"{record['decode_seconds']:.1f} s ({record['sentences_per_s']:.1f} sentences/s; "
-        f"{record.get('decode_cpu_seconds', float('nan')):.1f} s of CPU, {cfg.eval.threads} thread(s)){reused}; "
-        f"hypotheses in {Path(out) / 'eval' / record['hyp_file']}"
+        f"[evaluate] {record.sentences} sentences, beam {record.beam_size}: decoded in "
+        f"{record.decode_seconds:.1f} s ({record.sentences_per_s:.1f} sentences/s{cpu}, {cfg.eval.threads} "
+        f"thread(s)){reused}; hypotheses in {Path(out) / 'eval' / record.hyp_file}"
     )
-    print(f"{record['test_set']} {record['checkpoint']}: {record['bleu_line']}")
-    print(f"chrF2|{record['chrf_signature']} = {record['chrf']:.2f}")
+    print(f"{record.test_set} {record.checkpoint}: {record.bleu_line}")
+    print(f"chrF2|{record.chrf_signature} = {record.chrf:.2f}")
+    if record.xent is not None:
+        print(f"cross-entropy per target subword (teacher-forced, {record.xent_tokens} subwords incl. EOS) = "
+              f"{record.xent:.4f} nats")
     return 0
 
 

@@ -48,6 +48,7 @@ from distnmt.config import Config, ConfigError
 from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.evaluator import Evaluator
 from distnmt.evaluate.hook import score_with_evaluator
+from distnmt.evaluate.records import FinalReport, ScoreRecord
 from distnmt.train.engine import deepspeed_config, zero_stage
 from distnmt.train.loop import train_loop_per_worker
 
@@ -162,7 +163,7 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
     )
 
 
-def run_training(cfg: Config) -> list[dict[str, Any]]:
+def run_training(cfg: Config) -> list[ScoreRecord]:
     """Train, have every checkpoint scored, print the final BLEU line; return the scores."""
     cfg = resolve_paths(cfg)
     manifest = PreparedData.from_config(cfg.data).manifest  # fail here, clearly, if `prepare` was not run
@@ -189,7 +190,7 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         records = ray.get(evaluator.finalize.remote())
         _report_final(ray.get(evaluator.final.remote()), run_dir)
         # Last, so that the run ends with the dev BLEU line (signature included).
-        _summarize([r for r in records if r["split"] == "dev"], time.time() - fit_started)
+        _summarize([r for r in records if r.split == "dev"], time.time() - fit_started)
         _raise_if_nonfinite(run_dir)
         return records
     finally:
@@ -259,25 +260,25 @@ def _stop_on_sigterm() -> Optional[Any]:
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
-def _report_final(final: dict[str, Any], run_dir: Path) -> None:
+def _report_final(final: FinalReport, run_dir: Path) -> None:
     """Why training ended, the best checkpoint on the test set, where the figures are."""
-    if final.get("stop_reason"):
-        print(f"[distnmt] training stopped early: {final['stop_reason']}", flush=True)
-    if final.get("figures"):
-        print(f"[distnmt] figures: {', '.join(str(run_dir / f) for f in final['figures'])}", flush=True)
-    if final.get("test"):
-        test = final["test"]
-        print(f"[distnmt] {test['test_set']} {test['checkpoint']} (best by dev BLEU): {test['bleu_line']}", flush=True)
+    if final.stop_reason:
+        print(f"[distnmt] training stopped early: {final.stop_reason}", flush=True)
+    if final.figures:
+        print(f"[distnmt] figures: {', '.join(str(run_dir / f) for f in final.figures)}", flush=True)
+    if final.test:
+        test = final.test
+        print(f"[distnmt] {test.test_set} {test.checkpoint} (best by dev BLEU): {test.bleu_line}", flush=True)
 
 
-def _summarize(records: list[dict[str, Any]], seconds: float) -> None:
+def _summarize(records: list[ScoreRecord], seconds: float) -> None:
     """The closing lines: every score, then the newest checkpoint's BLEU line."""
     print(f"[distnmt] training and evaluation took {seconds:.1f} s; {len(records)} checkpoint(s) scored", flush=True)
     if not records:
         return
-    for record in sorted(records, key=lambda r: r["step"]):
-        print(f"[distnmt]   step {record['step']:>7}: BLEU {record['bleu']:.2f}  chrF {record['chrf']:.2f}  ({record['checkpoint']})")
-    best = max(records, key=lambda r: r["bleu"])
-    last = max(records, key=lambda r: r["step"])
-    print(f"[distnmt] best: {best['checkpoint']} BLEU {best['bleu']:.2f}")
-    print(f"{last['test_set']} {last['checkpoint']}: {last['bleu_line']}", flush=True)
+    for record in sorted(records, key=lambda r: r.step):
+        print(f"[distnmt]   step {record.step:>7}: BLEU {record.bleu:.2f}  chrF {record.chrf:.2f}  ({record.checkpoint})")
+    best = max(records, key=lambda r: r.bleu)
+    last = max(records, key=lambda r: r.step)
+    print(f"[distnmt] best: {best.checkpoint} BLEU {best.bleu:.2f}")
+    print(f"{last.test_set} {last.checkpoint}: {last.bleu_line}", flush=True)

@@ -48,7 +48,7 @@ def test_killed_worker_is_replaced_and_every_pair_is_trained_once(
     assert marker.exists(), "the fault was not injected"
     run_dir = tmp_path / "faulty"
     assert _checkpoints(run_dir) == ["checkpoint_00000010", "checkpoint_00000020", "checkpoint_00000030"]
-    assert sorted(r["step"] for r in records) == [10, 20, 30]
+    assert sorted(r.step for r in records) == [10, 20, 30]
 
     # What was trained, from the batch log ('step epoch ids...' per batch, both attempts).
     trained: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)

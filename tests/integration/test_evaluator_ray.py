@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from distnmt.config import load_config
-from distnmt.evaluate.evaluator import SLOWDOWN_ENV
+from distnmt.evaluate.score import SLOWDOWN_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ def test_killing_the_evaluator_mid_decode_loses_no_score(local_ray: None, prepar
     persisted = [r for r in _lines(run_dir / "eval" / "dev.jsonl") if r["origin"] == "training"]
     # Every reported checkpoint has its score, exactly once, though one decode was cut short.
     assert sorted(r["checkpoint"] for r in persisted) == checkpoints
-    assert sorted(r["checkpoint"] for r in records) == checkpoints
+    assert sorted(r.checkpoint for r in records) == checkpoints
     # The one being decoded when the actor died was scored by its successor.
     victim = next(r for r in persisted if r["checkpoint"] == killer.killed["decoding"])
     assert victim["evaluator_pid"] != killer.killed["pid"]
