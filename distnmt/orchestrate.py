@@ -202,7 +202,7 @@ def run_training(cfg: Config) -> list[ScoreRecord]:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def run_local(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
+def run_local(cfg: Config, run_dir: Path) -> list[ScoreRecord]:
     """``train.workers: 0``: train in this process (Ray Train's local mode), then score
     the run's checkpoints here with the evaluator's own class, and close as a cluster run does."""
     started = time.time()
@@ -214,7 +214,7 @@ def run_local(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         evaluator.score_checkpoint(ray.train.Checkpoint.from_directory(str(checkpoint)))
     records = evaluator.finalize()
     _report_final(evaluator.final(), run_dir)
-    _summarize([r for r in records if r["split"] == "dev"], time.time() - started)
+    _summarize([r for r in records if r.split == "dev"], time.time() - started)
     _raise_if_nonfinite(run_dir)
     return records
 
