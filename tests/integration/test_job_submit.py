@@ -60,7 +60,7 @@ PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() 
 
 
 def _cluster_pids(state: Path, marker: str, env: dict[str, str]) -> list[int]:
-    out = _run([PYTHON, str(LAUNCH / "localray.py"), "pids", "--marker", marker, "--temp-dir", f"{state}/"], env, 60)
+    out = _run([PYTHON, "-m", "distnmt.cli", "cluster", "pids", "--marker", marker, "--temp-dir", f"{state}/"], env, 60)
     return [int(p) for p in out.stdout.split()]
 
 
