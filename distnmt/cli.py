@@ -1,8 +1,9 @@
-"""``distnmt prepare | train | evaluate | translate``.
+"""``distnmt prepare | train | evaluate | translate | bench | cluster``.
 
-Every command takes ``--config FILE`` and any number of ``--set key=value``
-overrides. User mistakes (config, data, checkpoints) end in one line on stderr
-and exit status 2, never in a traceback.
+prepare, train and evaluate take ``--config FILE`` and any number of ``--set
+key=value`` overrides; translate reads its settings from the checkpoint, bench and
+cluster have options of their own (``--help``). User mistakes (config, data,
+checkpoints) end in one line on stderr and exit status 2, never in a traceback.
 """
 
 from __future__ import annotations
@@ -242,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of that benchmark (try: distnmt bench data --help)")
     p.set_defaults(func=cmd_bench)
+
+    from distnmt import cluster
+
+    cluster.add_parser(sub)
     return parser
 
 
@@ -252,8 +257,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return func(args)
     except USER_ERRORS as err:
+        _end_progress_bars()
         print(f"distnmt {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open, so that the error starts a line of
+    its own instead of continuing the bar's (``clean: 0 pairs [...]distnmt prepare: error``)."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -198,6 +198,9 @@ class LoggingConfig:
     log_every: int = 10
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "distnmt"
+    # warning: Ray's informational lines go to <run dir>/logs/ray-<time>.log only;
+    # info: to the console too (Ray's own default), for debugging Ray itself.
+    ray: Literal["warning", "info"] = "warning"
 
 
 @dataclass

@@ -85,20 +85,6 @@ def check_elastic(cfg: Config) -> None:
         )
 
 
-def init_ray(cfg: Config) -> bool:
-    """Join the given cluster or start a local one; True if we started (and must stop) it."""
-    if ray.is_initialized():
-        return False
-    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace=NAMESPACE)
-        return True  # disconnect only; a joined cluster keeps running
-    # address="local": a new cluster even when `ray start` runs on this machine (plain
-    # ray.init() would join that one). Dashboard on loopback only, never 0.0.0.0.
-    ray.init(address="local", namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
-    return True
-
-
 def start_evaluator(cfg: Config, run_dir: Path) -> tuple[Any, str]:
     """The evaluator actor, with its own resources, restarted by Ray if it dies."""
     # The run directory in the name: two runs called alike in different storage
@@ -173,12 +159,18 @@ def run_training(cfg: Config) -> list[ScoreRecord]:
     if cfg.train.local_mode:
         return run_local(cfg, run_dir)
     started = time.time()
-    owns_ray = init_ray(cfg)
+    # Joins the given cluster or starts a local loopback one; routes Ray's log lines.
+    from distnmt.cluster import start_or_join
+
+    ray_handle = start_or_join(cfg, run_dir) if not ray.is_initialized() else None
     # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
     previous_handler = _stop_on_sigterm()
     evaluator = None
     try:
         print(f"[distnmt] Ray ready in {time.time() - started:.1f} s; run directory {run_dir}", flush=True)
+        if ray_handle is not None and ray_handle.log_path is not None:
+            print(f"[distnmt] Ray's informational lines: {ray_handle.log_path}"
+                  + ("" if cfg.logging.ray == "info" else " (logging.ray: info shows them here too)"), flush=True)
         evaluator, evaluator_name = start_evaluator(cfg, run_dir)
         info = ray.get(evaluator.ready.remote())
         print(f"[distnmt] evaluator ready: {info['sentences']} {info['split']} sentences, beam {cfg.eval.beam_size}", flush=True)
@@ -196,8 +188,8 @@ def run_training(cfg: Config) -> list[ScoreRecord]:
     finally:
         if evaluator is not None:
             ray.kill(evaluator)  # on a shared cluster it would otherwise outlive the run
-        if owns_ray:
-            ray.shutdown()
+        if ray_handle is not None:
+            ray_handle.stop()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 

@@ -141,13 +141,14 @@ def test_minutes_to_targets_and_ratios() -> None:
 def test_markdown_has_one_row_per_system_and_the_signature() -> None:
     test = {"bleu": 1.234, "bleu_signature": "nrefs:1|tok:13a"}
     row = {"system": "distnmt", "tokens_per_s": 2500, "updates": 40, "params": 1234567, "padding_efficiency": 0.97,
-           "peak_rss_training_process_mib": 800, "peak_rss_tree_mib": 3000, "startup_s": 12.0,
+           "peak_rss_training_process_mib": 800, "peak_rss_tree_mib": 3000, "peak_pss_tree_mib": 1900,
+           "peak_uss_tree_mib": 1500, "startup_s": 12.0,
            "best_dev": {"bleu": 0.5}, "minutes_to_dev_bleu": {"0.1": 1.5, "1": None}, "test": test,
            "last_dev_xent": 5.4321, "minutes_to_dev_xent": {"6": 0.5, "5": None},
            "dev_curve": [{"step": 80, "minutes": 1.5, "bleu": 0.5, "xent": 5.4321}]}
     header = {"command": "distnmt bench peer --tiny", "ratios": {"tokens_per_s_vs_joeynmt": 1.7}}
     page = markdown(header, [row, {"system": "joeynmt", "error": "skipped: no venv"}], [0.1, 1], [6, 5])
-    assert ("| distnmt | 2500 | 40 | 1,234,567 | 0.970 | 800 | 3000 | 12.0 | 0.50 | 1.5 |  | 5.432 | 0.5 |  "
+    assert ("| distnmt | 2500 | 40 | 1,234,567 | 0.970 | 800 | 3000 | 1900 | 1500 | 12.0 | 0.50 | 1.5 |  | 5.432 | 0.5 |  "
             "| 1.23 |") in page
     assert "| min to dev xent 6 | min to dev xent 5 |" in page
     assert "| joeynmt | skipped: no venv |" in page

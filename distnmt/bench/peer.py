@@ -311,29 +311,13 @@ def parse_joeynmt_log(text: str, validation_freq: int) -> dict[str, Any]:
 
 
 def tree_rss_mib(pid: int) -> tuple[float, float]:
-    """(sum, largest) resident memory in MiB of ``pid`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    total = largest = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        mib = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-        total, largest = total + mib, max(largest, mib)
-    return total, largest
+    """(sum, largest) resident memory in MiB of ``pid`` and all its descendants, from /proc.
+
+    The sum counts a shared page once per process that maps it: see tree_memory's PSS."""
+    from distnmt.cluster import process_tree, tree_memory
+
+    memory = tree_memory(process_tree(pid))
+    return memory["rss"], memory["largest_rss"]
 
 
 def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[str, str]] = None,
@@ -345,7 +329,9 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
     that lands mid-validation); past ``limit_s`` the same. After 90 s of that it gets
     SIGTERM, after 120 s SIGKILL, so a hung system never hangs the benchmark.
     """
-    peak_total = peak_one = 0.0
+    from distnmt.cluster import process_tree, tree_memory
+
+    peak_total = peak_one = peak_pss = peak_uss = 0.0
     launched = time.time()
     interrupted_at: Optional[float] = None
     last_sigint = 0.0
@@ -353,8 +339,11 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             while proc.poll() is None:
-                total, one = tree_rss_mib(proc.pid)
-                peak_total, peak_one = max(peak_total, total), max(peak_one, one)
+                # PSS: shared pages (torch's libraries in every Ray worker) counted once in
+                # all, which summed RSS counts once per process; USS: private pages only.
+                memory = tree_memory(process_tree(proc.pid))
+                peak_total, peak_one = max(peak_total, memory["rss"]), max(peak_one, memory["largest_rss"])
+                peak_pss, peak_uss = max(peak_pss, memory["pss"]), max(peak_uss, memory["uss"])
                 now = time.time()
                 bar.n = int(now - launched)
                 bar.refresh()
@@ -374,6 +363,7 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
                 proc.wait()
     return {"returncode": proc.returncode, "wall_s": round(time.time() - launched, 1), "launched": launched,
             "interrupted": interrupted_at is not None, "peak_rss_tree_mib": round(peak_total),
+            "peak_pss_tree_mib": round(peak_pss), "peak_uss_tree_mib": round(peak_uss),
             "peak_rss_largest_process_mib": round(peak_one)}
 
 
@@ -461,7 +451,7 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
         "startup_s": round(start - watch["launched"], 1),
         "padding_efficiency": round(statistics.median(x["target_padding_efficiency"] for x in metrics), 4),
         "peak_rss_training_process_mib": round(max(x["peak_rss_mib"] for x in metrics)),
-        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
+        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_pss_tree_mib", "peak_uss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
         "dev_curve": curve, "minutes_to_dev_bleu": minutes_to_targets(curve, targets),
         "minutes_to_dev_xent": minutes_to_xent(curve, xent_targets),
         "best_dev": {"checkpoint": best.checkpoint, "step": best.step, "bleu": best.bleu, "xent": best.xent},
@@ -532,7 +522,7 @@ def run_joeynmt(python: Path, cfg: Config, minutes: float, out: Path, data: Peer
         "padding_efficiency": round(joeynmt_padding_efficiency(np.asarray(src_len), np.asarray(tgt_len),
                                                                joeynmt_batch_size(cfg), cfg.train.seed), 4),
         "peak_rss_training_process_mib": watch["peak_rss_largest_process_mib"],
-        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
+        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_pss_tree_mib", "peak_uss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
         "dev_curve": curve, "minutes_to_dev_bleu": minutes_to_targets(curve, targets),
         "minutes_to_dev_xent": minutes_to_xent(curve, xent_targets),
         "best_dev": ({"checkpoint": "best.ckpt", "step": best["step"], "bleu": best["bleu"], "xent": best["xent"]}
@@ -584,7 +574,8 @@ def markdown(header: dict[str, Any], results: list[dict[str, Any]], targets: lis
     xent_targets = xent_targets or []
     lines = ["# distnmt bench peer\n", *(f"- {k}: {v}" for k, v in header.items() if k != "ratios"), ""]
     cols = ["system", "tgt tokens/s", "updates", "params", "padding eff", "peak RSS train proc MiB",
-            "peak RSS tree MiB", "start-up s", "best dev BLEU", *(f"min to dev {t:g}" for t in targets),
+            "peak RSS tree MiB (summed)", "peak PSS tree MiB", "peak USS tree MiB", "start-up s", "best dev BLEU",
+            *(f"min to dev {t:g}" for t in targets),
             "last dev xent", *(f"min to dev xent {t:g}" for t in xent_targets), "newstest2014 BLEU"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
@@ -597,6 +588,7 @@ def markdown(header: dict[str, Any], results: list[dict[str, Any]], targets: lis
         lines.append("| " + " | ".join([
             r["system"], f"{r['tokens_per_s']}", f"{r['updates']}", f"{r['params']:,}" if r["params"] else "",
             f"{r['padding_efficiency']:.3f}", f"{r['peak_rss_training_process_mib']}", f"{r['peak_rss_tree_mib']}",
+            f"{r.get('peak_pss_tree_mib', '')}", f"{r.get('peak_uss_tree_mib', '')}",
             f"{r['startup_s']}", _fmt(r["best_dev"]["bleu"]), *reach, _fmt3(r.get("last_dev_xent")),
             *xent_reach[:len(xent_targets)], f"{r['test']['bleu']:.2f}"]) + " |")
     lines += ["", "Ratios: " + (", ".join(f"{k} {v}" for k, v in header["ratios"].items()) or "none"), ""]

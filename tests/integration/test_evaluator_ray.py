@@ -45,9 +45,11 @@ def local_ray() -> Iterator[None]:
     settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", SLOWDOWN_ENV: "2"}
     previous = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
-    ray.init(address="local", namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
+    from distnmt.cluster import start_local
+
+    local_ray = start_local()  # loopback, as every local cluster distnmt starts
     yield
-    ray.shutdown()
+    local_ray.stop()
     for key, value in previous.items():
         if value is None:
             os.environ.pop(key, None)
