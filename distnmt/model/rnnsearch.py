@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["EncoderOutput", "PaperGRUCell", "RNNSearch"]
 
@@ -295,13 +295,21 @@ class RNNSearch(nn.Module):
         if B and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > S):
             raise ValueError(f"source lengths must lie in [1, {S}], got {lengths_cpu.tolist()}")
         emb = self.dropout(self.src_embed(src))
-        mask = torch.arange(S, device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
+        # Lengths on the host (Batch.to keeps them there) reach the device by a queued
+        # copy; lengths already there are used as they are.
+        dev_lengths = src_lengths if src_lengths.device == src.device else lengths_cpu.to(src.device, non_blocking=True)
+        mask = torch.arange(S, device=src.device)[None, :] < dev_lengths[:, None]
         if isinstance(self.encoder, PaperBiGRU):
             annotations, fwd_last, bwd_first = self.encoder(emb, mask)
         else:
             packed = pack_padded_sequence(emb, lengths_cpu, batch_first=True, enforce_sorted=False)
             packed_out, h_n = self.encoder(packed)
-            annotations, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=S)
+            # Unpacked in the sorted order, then put back in the batch's order on the
+            # device: pad_packed_sequence would also unsort the lengths, reading the
+            # device's unsorted_indices back to the host (a sync per batch on a GPU).
+            sorted_out = PackedSequence(packed_out.data, packed_out.batch_sizes)
+            annotations, _ = pad_packed_sequence(sorted_out, batch_first=True, total_length=S)
+            annotations = annotations.index_select(0, packed_out.unsorted_indices)
             # h_n[0] is fwd at the last real word; h_n[1] is bwd_1, the backward state at word 1.
             fwd_last, bwd_first = h_n[0], h_n[1]
         # The decoder state is carried in the parameters' dtype (fp32 under autocast):
