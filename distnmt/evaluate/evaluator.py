@@ -45,6 +45,7 @@ import torch
 from distnmt.checkpoint import read_meta
 from distnmt.config import Config, config_from_dict
 from distnmt.data.corpus import read_lines
+from distnmt.data.custom import own_split_name
 from distnmt.data.prepare import load_manifest
 from distnmt.evaluate.policy import EarlyStopping, Record, best_record, should_skip
 from distnmt.evaluate.hook import score_with_evaluator  # noqa: F401  (the driver imports it from here)
@@ -123,7 +124,9 @@ class Evaluator:
             limit = self.cfg.eval.max_sentences
             if limit is not None:
                 sources, references = sources[:limit], references[:limit]
-            name = eval_set_name(self.cfg.data.dev_prefix if split == "dev" else self.cfg.data.test_src)
+            own = self.cfg.data.dev if split == "dev" else self.cfg.data.test  # a user's own files (issue 17)
+            name = (own_split_name(own) if own is not None
+                    else eval_set_name(self.cfg.data.dev_prefix if split == "dev" else self.cfg.data.test_src))
             self._splits[split] = SplitData(split, name, sources, references)
         return self._splits[split]
 
@@ -193,7 +196,7 @@ class Evaluator:
         loaded, cpu_loaded = time.time(), time.process_time()
         hypotheses = translator.translate(data.sources)
         decoded, cpu_decoded = time.time(), time.process_time()
-        scores = score_corpus(hypotheses, data.references)
+        scores = score_corpus(hypotheses, data.references, self.cfg.eval.bleu_tokenize)
         # Training and end-of-run scores keep the plain name the run's readers expect;
         # `distnmt evaluate` may use other settings, so its file says which.
         suffix = "" if origin != "evaluate" else f".beam{self.cfg.eval.beam_size}.n{len(hypotheses)}"
