@@ -242,7 +242,8 @@ class _Where:
         self.overridden: set[str] = set()  # keys whose value came from --set, not the file
 
     def __call__(self, key: str) -> str:
-        if key in self.overridden:
+        # 'data.corpora[0].src' came from --set when 'data.corpora' did.
+        if any(key == o or key.startswith((o + ".", o + "[")) for o in self.overridden):
             return "--set "
         if self.path is not None and key in self.lines:
             return f"{self.path}:{self.lines[key]}: "
