@@ -24,8 +24,9 @@ from distnmt.data import download as download_module
 from distnmt.data.download import download, part_path
 from distnmt.data.fetch import Fetcher, extract_members, verify_archive
 from distnmt.data.sources import (
-    REGISTRIES, REGISTRY_EN_DE, WMT14_EN_DE_PARTS, WMT14_PARTS, Archive, Registry, members, registry_for,
+    REGISTRIES, REGISTRY_EN_DE, WMT14_EN_DE_PARTS, WMT14_PARTS, Archive, Registry, members,
 )
+from distnmt.data.sources import registry_for as pair_registry
 from distnmt.model.build import build_model
 from distnmt.train.engine import build_engine
 
@@ -286,9 +287,9 @@ TINY_MODEL = ["model.embed_size=16", "model.hidden_size=24", "model.align_size=1
 
 
 def test_en_de_registry_serves_both_directions_and_its_lookups_name_what_it_has() -> None:
-    de = registry_for("de", "en")
-    assert de is REGISTRY_EN_DE and registry_for("en", "de") is de
-    assert registry_for("fr", "en") is REGISTRY and registry_for("en", "fr") is REGISTRY
+    de = pair_registry("de", "en")
+    assert de is REGISTRY_EN_DE and pair_registry("en", "de") is de
+    assert pair_registry("fr", "en") is REGISTRY and pair_registry("en", "fr") is REGISTRY
     assert set(REGISTRIES) == {"en-fr", "en-de"}
     assert de.presets == {"wmt14-en-de": WMT14_EN_DE_PARTS} == {"wmt14-en-de": ("europarl-v7", "commoncrawl", "news-commentary-v9")}
     assert sum(p.pairs for p in de.parts.values()) == 4520620
@@ -306,11 +307,11 @@ def test_en_de_registry_serves_both_directions_and_its_lookups_name_what_it_has(
     full = DATASETS["wmt14/full"]
     assert full.md5 == [REGISTRY.archives["test-full.tgz"].checksum.removeprefix("md5:")]
     for src, tgt in (("en", "de"), ("de", "en"), ("en", "fr"), ("fr", "en")):
-        assert list(members(registry_for(src, tgt).eval_sets["newstest2014"], src, tgt)) == full.langpairs[f"{src}-{tgt}"]
+        assert list(members(pair_registry(src, tgt).eval_sets["newstest2014"], src, tgt)) == full.langpairs[f"{src}-{tgt}"]
 
     # A pair or a part the registry lacks: one line, listing what it has.
     with pytest.raises(DataError) as err:
-        registry_for("en", "ja")
+        pair_registry("en", "ja")
     assert str(err.value) == ("data.src_lang/tgt_lang: no WMT'14 registry for en->ja (has: en->fr and fr->en, en->de and "
                               "de->en); for other languages list your own files under data.corpora (docs/DATA.md, 'Your own data')")
     with pytest.raises(DataError, match=r"^data.parts: unknown part 'giga-fren' \(known: europarl-v7, commoncrawl, "
@@ -381,7 +382,7 @@ def test_de_en_downloads_prepares_and_trains(tmp_path: Path, fast_retries: None)
     archives = en_de_archives()
     with _Server(archives) as server:
         server.cut = {"training-parallel-commoncrawl.tgz"}  # one download breaks half-way and resumes
-        registry = registry_for("de", "en").with_archives(**{
+        registry = pair_registry("de", "en").with_archives(**{
             name: Archive(name, f"{server.url}/{name}", len(data), f"sha256:{hashlib.sha256(data).hexdigest()}")
             for name, data in archives.items()})
         result = prepare(None, tmp_path / "out", cache_dir=tmp_path / "cache", src_lang="de", tgt_lang="en",
