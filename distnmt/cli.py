@@ -69,6 +69,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         preset=d.preset, parts=d.parts, dev_sets=d.dev_sets, test_set=d.test_set, cache_dir=Path(d.cache_dir),
         verify_checksums=d.verify_checksums, rules=rules, joint_vocab=d.joint_vocab,
         spm_sample_pairs=d.spm_sample_pairs, shard_size=d.shard_size, workers=d.workers,
+        corpora=d.corpora, dev=d.dev, test=d.test,
     )
     counts = result.manifest.get("counts", {})
     print(f"[prepare] wrote {result.out_dir} in {time.time() - started:.1f} s: {json.dumps(counts)}", flush=True)

