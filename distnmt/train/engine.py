@@ -7,7 +7,8 @@ mixed precision, loss scaling, gradient accumulation, clipping, the LR
 schedule, how optimizer state is saved) stays in this file.
 
 Loss normalisation is the same for both engines and exact: each rank scales
-its summed token loss by ``world / global_target_tokens`` (one all-reduce of a
+its summed token loss by ``world / global_target_tokens`` (or ``world /
+global_sentences`` with ``train.loss_norm: sentence``; one all-reduce of a
 scalar per step), so after the engines average gradients over ranks the
 update equals a single-process step on all ranks' micro-batches together,
 however unevenly the tokens fall across ranks and micro-batches.
@@ -56,9 +57,15 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def global_tokens(batches: list[Batch], device: torch.device) -> float:
-    """Target tokens of this step over all ranks and micro-batches."""
-    total = torch.tensor([float(sum(b.num_target_tokens() for b in batches))], dtype=torch.float64, device=device)
+def loss_denominator(batches: list[Batch], device: torch.device, loss_norm: str = "token") -> float:
+    """What this step's summed token loss is divided by, over all ranks and micro-batches:
+    its target tokens (``train.loss_norm: token``, a per-token mean) or its sentences
+    (``sentence``: the per-sentence sum of GroundHog / dl4mt, the paper's loss scale)."""
+    if loss_norm == "sentence":
+        count = sum(b.src.size(0) for b in batches)
+    else:
+        count = sum(b.num_target_tokens() for b in batches)
+    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
     if _world() > 1:
         dist.all_reduce(total)
     return float(total.item())
@@ -116,7 +123,7 @@ class DDPEngine(Engine):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def train_step(self, batches: list[Batch]) -> StepStats:
-        scale = _world() / max(global_tokens(batches, self.device), 1.0)
+        scale = _world() / max(loss_denominator(batches, self.device, self.cfg.train.loss_norm), 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for i, batch in enumerate(batches):
@@ -237,7 +244,7 @@ class DeepSpeedEngine(Engine):
         self.module = self.engine.module
 
     def train_step(self, batches: list[Batch]) -> StepStats:
-        scale = _world() / max(global_tokens(batches, self.device), 1.0)
+        scale = _world() / max(loss_denominator(batches, self.device, self.cfg.train.loss_norm), 1.0)
         loss_total = 0.0
         for batch in batches:
             logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)

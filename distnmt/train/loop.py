@@ -38,7 +38,7 @@ from distnmt.checkpoint import (
     save_checkpoint,
     write_rank_manifest,
 )
-from distnmt.config import Config, config_from_dict
+from distnmt.config import Config, batch_budget, config_from_dict, update_sentences
 from distnmt.data.batch import collate
 from distnmt.data.prepare import load_manifest
 from distnmt.data.sampler import BucketBatchSampler
@@ -138,9 +138,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     src_lang, tgt_lang = cfg.data.src_lang, cfg.data.tgt_lang
     src = TokenArray(prepared / f"train.{src_lang}")
     tgt = TokenArray(prepared / f"train.{tgt_lang}")
+    budget = batch_budget(cfg)  # data.max_tokens etc., or train.batch_sentences divided up
     sampler = BucketBatchSampler(
-        src.lengths, tgt.lengths, cfg.data.max_tokens, num_replicas=world, rank=rank,
-        seed=cfg.train.seed, pool_batches=cfg.data.pool_batches, max_sentences=cfg.data.max_sentences,
+        src.lengths, tgt.lengths, budget.max_tokens, num_replicas=world, rank=rank,
+        seed=cfg.train.seed, pool_batches=budget.pool_batches, max_sentences=budget.max_sentences,
         bucketing=cfg.data.bucketing,
     )
     vocab_size = {
@@ -264,6 +265,12 @@ def _at_world_size(cfg: Config, world: int) -> Config:
 
 def _effective_batch_line(cfg: Config, world: int) -> str:
     """The log line that says how the effective batch was kept at this world size."""
+    if cfg.train.batch_sentences is not None:
+        have = update_sentences(cfg, world)
+        how = ("the configured train.batch_sentences" if have == cfg.train.batch_sentences
+               else f"not the configured {cfg.train.batch_sentences}: {world} does not divide it")
+        return (f"[train] world size {world}: accumulating {cfg.train.accumulate_at(world)} micro-batch(es) of "
+                f"{batch_budget(cfg).max_sentences} sentences per rank per step = {have} sentences per step, {how}")
     want = cfg.train.accumulate * cfg.train.max_workers * cfg.data.max_tokens
     acc = cfg.train.accumulate_at(world)
     have = acc * world * cfg.data.max_tokens
