@@ -11,8 +11,12 @@ sentence is reversed). For ``group=3``::
 A model must therefore know, at each output position, which source word it
 translates: RNNsearch can look it up with its alignment model, RNNencdec must
 carry the whole sentence in one vector, and so degrades as sentences get longer,
-as in Figure 2 of Bahdanau et al. (2014). Source lengths are drawn uniformly
-from ``min_words``..``max_words``, so every length bin of that figure is filled.
+as in Figure 2 of Bahdanau et al. (2014). Dev and test source lengths are drawn
+uniformly from ``min_words``..``max_words``, so every length bin of that figure is
+filled as much as the others. Training lengths are log-uniform by default (as many
+sentences of 3-6 words as of 35-70; mean 21 words for 3-70): like a real corpus,
+most sentences are short, which makes a training step cheaper on average and lets
+the alignment be learnt on short sentences first.
 
 The files are plain text in the layout ``distnmt prepare`` reads without a
 preset (``train/train.<lang>``, ``dev/dev.<lang>``, ``test/test.<lang>``), so
@@ -22,6 +26,7 @@ same seed writes the same bytes.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +53,7 @@ class SyntheticTask:
         train_pairs, dev_pairs, test_pairs: sentences per split.
         seed: the same seed gives the same dictionary and the same sentences.
         src_lang, tgt_lang: file suffixes (``data.src_lang`` / ``data.tgt_lang``).
+        log_lengths: training lengths log-uniform (1, default) or uniform (0) in the range.
     """
 
     words: int = 40
@@ -60,6 +66,7 @@ class SyntheticTask:
     seed: int = 1
     src_lang: str = "src"
     tgt_lang: str = "tgt"
+    log_lengths: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -89,8 +96,17 @@ def translate(words: list[str], dictionary: dict[str, str], group: int) -> list[
     return [w for start in range(0, len(out), group) for w in reversed(out[start:start + group])]
 
 
-def _sentences(rng: random.Random, task: SyntheticTask, src_words: list[str], count: int) -> list[list[str]]:
-    return [[rng.choice(src_words) for _ in range(rng.randint(task.min_words, task.max_words))] for _ in range(count)]
+def _length(rng: random.Random, low: int, high: int, log: bool) -> int:
+    """Uniform in low..high, or log-uniform: floor(exp(U(ln low, ln(high + 1))))."""
+    if not log:
+        return rng.randint(low, high)
+    return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+
+
+def _sentences(rng: random.Random, task: SyntheticTask, src_words: list[str], count: int,
+               log: bool = False) -> list[list[str]]:
+    return [[rng.choice(src_words) for _ in range(_length(rng, task.min_words, task.max_words, log))]
+            for _ in range(count)]
 
 
 def write_corpus(task: SyntheticTask, root: Path) -> dict[str, Path]:
@@ -108,7 +124,7 @@ def write_corpus(task: SyntheticTask, root: Path) -> dict[str, Path]:
     root = Path(root)
     names = {"train": task.train_pairs, "dev": task.dev_pairs, "test": task.test_pairs}
     for split, count in names.items():
-        sources = _sentences(rng, task, src_words, count)
+        sources = _sentences(rng, task, src_words, count, log=split == "train" and bool(task.log_lengths))
         write_text(root / split / f"{split}.{task.src_lang}", "".join(" ".join(s) + "\n" for s in sources))
         write_text(root / split / f"{split}.{task.tgt_lang}",
                    "".join(" ".join(translate(s, dictionary, task.group)) + "\n" for s in sources))
