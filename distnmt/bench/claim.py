@@ -38,14 +38,14 @@ from distnmt.io import write_json, write_text
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("rnnsearch", "rnnencdec")
 # The task of the full run and of --tiny (distnmt/data/synthetic.py SyntheticTask fields).
-TASK = {"max_words": 70, "train_pairs": 20000, "dev_pairs": 300, "test_pairs": 700}
+TASK = {"max_words": 70, "train_pairs": 20000, "dev_pairs": 200, "test_pairs": 500}
 TINY_TASK = {"max_words": 12, "train_pairs": 3000, "dev_pairs": 100, "test_pairs": 100}
 # --tiny: a model that learns the short task in a few hundred single-worker steps.
 TINY = [
     "model.embed_size=32", "model.hidden_size=64", "model.align_size=64", "model.maxout_size=64",
     "optim.lr=0.01", "train.workers=1", "train.cpus_per_worker=1", "train.batch_sentences=32",
     "train.max_steps=500", "train.checkpoint_every=250", "eval.beam_size=3", "eval.batch_sentences=100",
-    "logging.log_every=50",
+    "eval.policy=every", "logging.log_every=50",
 ]
 
 
