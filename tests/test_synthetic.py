@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distnmt.cli import main
-from distnmt.data.prepare import load_manifest
+from distnmt.data.prepared import PreparedData
 from distnmt.data.synthetic import SyntheticTask, translate, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +40,10 @@ def test_prepare_synthetic_writes_and_prepares_the_corpus(tmp_path: Path, capsys
     code = main(["prepare", "--config", str(REPO / "configs/claim.yaml"), "--quiet", *sets,
                  "--synthetic", "train_pairs=400", "dev_pairs=20", "test_pairs=30", "max_words=60"])
     assert code == 0, capsys.readouterr().err
-    prepared = tmp_path / "prepared"
-    assert len((prepared / "dev.src").read_text().splitlines()) == 20
-    assert len((prepared / "test.tgt").read_text().splitlines()) == 30
-    assert load_manifest(prepared)["counts"]["train"] == 400  # nothing filtered: every length is kept
+    prepared = PreparedData.load(tmp_path / "prepared")
+    assert len(prepared.eval_text("dev")[0]) == 20
+    assert len(prepared.eval_text("test")[1]) == 30
+    assert prepared.manifest["counts"]["train"] == 400  # nothing filtered: every length is kept
     lengths = [len(line.split()) for line in (tmp_path / "corpus/test/test.src").read_text().splitlines()]
     assert max(lengths) > 40 and min(lengths) < 10  # long and short sentences, for Figure 2's bins
     # A config that would not read what --synthetic writes is refused in one line.

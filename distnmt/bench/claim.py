@@ -81,7 +81,7 @@ def _figure(results: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
 
 def _scores(run_dir: Path, prepared: Path, cfg: Any) -> dict[str, Any]:
     """Best dev BLEU, its checkpoint's test BLEU and test BLEU by source length, from the evaluator's files."""
-    from distnmt.data import read_lines
+    from distnmt.data.prepared import PreparedData
     from distnmt.evaluate.figures import bleu_by_length
 
     final = json.loads((run_dir / "eval" / "final.json").read_text(encoding="utf-8"))
@@ -89,8 +89,7 @@ def _scores(run_dir: Path, prepared: Path, cfg: Any) -> dict[str, Any]:
     if best is None or test is None:
         raise RuntimeError(f"{run_dir}: the evaluator scored no checkpoint on dev and test (see eval/final.json)")
     hypotheses = (run_dir / "eval" / test["hyp_file"]).read_text(encoding="utf-8").splitlines()
-    sources = read_lines(prepared / f"test.{cfg.data.src_lang}")
-    references = read_lines(prepared / f"test.{cfg.data.tgt_lang}")
+    sources, references = PreparedData.from_config(cfg.data).eval_text("test")
     bins = bleu_by_length(sources, hypotheses, references)
     exact = sum(h == r for h, r in zip(hypotheses, references))
     dev = [json.loads(line) for line in (run_dir / "eval" / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -105,12 +104,11 @@ def _scores(run_dir: Path, prepared: Path, cfg: Any) -> dict[str, Any]:
 
 def _attention(checkpoint: Path, prepared: Path, cfg: Any, path: Path) -> dict[str, Any]:
     """RNNsearch's alignment of the longest dev sentence (the paper's Figure 3)."""
-    from distnmt.data import read_lines
+    from distnmt.data.prepared import PreparedData
     from distnmt.evaluate.figures import plot_attention
     from distnmt.evaluate.translator import translator_from_checkpoint
 
-    sources = read_lines(prepared / f"dev.{cfg.data.src_lang}")
-    references = read_lines(prepared / f"dev.{cfg.data.tgt_lang}")
+    sources, references = PreparedData.from_config(cfg.data).eval_text("dev")
     index = max(range(len(sources)), key=lambda i: len(sources[i].split()))
     translator = translator_from_checkpoint(checkpoint, cfg.eval)
     (alignment,) = translator.attention([sources[index]])
@@ -164,7 +162,7 @@ def main(argv: list[str]) -> int:
               f"train.storage_path={out / 'runs'}", *(TINY if args.tiny else []), *args.overrides]
 
     from distnmt.cli import main as cli_main
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     started = time.time()
     prepare_argv = ["prepare", "--config", str(args.config), "--quiet", *(x for o in common for x in ("--set", o)),

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from distnmt.bench.claim import main as claim_main
+from distnmt.data.prepared import PreparedData
 
 pytestmark = pytest.mark.integration
 
@@ -32,5 +33,6 @@ def test_rnnsearch_learns_the_synthetic_task_through_the_real_path(tmp_path: Pat
     assert (tmp_path / "claim_bleu_by_length.png").stat().st_size > 0
     assert (tmp_path / "claim_attention.png").stat().st_size > 0
     # The corpus went through prepare: sentencepiece models and shards beside the plain text.
-    assert (tmp_path / "prepared" / "spm.src.model").exists()
-    assert (tmp_path / "prepared" / "dev.tgt").read_text() == (tmp_path / "corpus" / "dev" / "dev.tgt").read_text()
+    prepared = PreparedData.load(tmp_path / "prepared")
+    assert prepared.spm_model("src").exists()
+    assert prepared.text("dev", "tgt").read_text() == (tmp_path / "corpus" / "dev" / "dev.tgt").read_text()
