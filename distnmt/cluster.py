@@ -263,7 +263,12 @@ def _route_worker_logs(log_path: Path, level: str) -> Callable[[], None]:
     from ray._private import worker as ray_worker
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    original = dispatcher.handlers.get("ray_print_logs") if hasattr(dispatcher, "handlers") else None
+    # Ray 2.60 keeps its handlers as a list of (name, handler) pairs; older ones, a dict.
+    handlers = getattr(dispatcher, "handlers", None)
+    if isinstance(handlers, dict):
+        original = handlers.get("ray_print_logs")
+    else:
+        original = next((h for name, h in handlers or [] if name == "ray_print_logs"), None)
     if original is None:  # log_to_driver off, or not a driver: nothing is forwarded here
         return lambda: None
     log = _log_file(log_path)
