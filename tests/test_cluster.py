@@ -29,6 +29,9 @@ from distnmt.cluster import (
     "Running validations for checkpoint(s): [].",
     "Staged validations for checkpoint(s): [].",
     "Setting up process group for: env:// [rank=0, world_size=2]",
+    "Requesting resources: {'CPU': 0.9} * 2",
+    "- (ip=127.0.0.1, pid=16410) world_rank=0, local_rank=0, node_rank=0",
+    "[2026-12-02 06:04:12,438 I 15997 16045] core_worker.cc:100: informational",
 ])
 def test_ray_train_informational_lines_are_held_back(line: str) -> None:
     assert is_ray_info(line, is_err=True)
@@ -42,6 +45,8 @@ def test_ray_train_informational_lines_are_held_back(line: str) -> None:
     "ValueError: bad value",
     "UserWarning: TypedStorage is deprecated",
     "A worker died or was killed while executing a task by an unexpected system error.",
+    "[2026-12-02 06:04:12,438 E 15997 16045] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+    "and ID: '697f' has constructor arguments in the object store and max_restarts > 0.",
 ])
 def test_warnings_errors_and_tracebacks_reach_the_console(line: str) -> None:
     assert not is_ray_info(line, is_err=True)
