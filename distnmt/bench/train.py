@@ -23,7 +23,7 @@ import ray
 import torch
 
 from distnmt.config import load_config
-from distnmt.train.driver import run_training
+from distnmt.orchestrate import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINES = {
