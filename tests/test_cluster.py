@@ -144,3 +144,36 @@ def test_forwarded_lines_go_to_the_file_and_only_some_to_the_console(level: str,
     logged = log.read_text()
     assert "(RayTrainWorker pid=7 stderr) Checkpoint successfully created" in logged
     assert "(RayTrainWorker pid=7) [train] step 10/20" in logged and "ValueError: x" in logged
+
+
+def test_this_process_ray_logger_info_to_the_file_warnings_to_the_console(tmp_path) -> None:
+    """The driver's own "ray" logger: its console handlers pass WARNING and up only;
+    INFO ("Started a local Ray instance") goes to the run's log file; undone after."""
+    import logging
+
+    import ray  # noqa: F401  (configures the "ray" logger's console handler)
+
+    from distnmt.cluster import _log_files, _route_driver_logs
+
+    log = tmp_path / "ray.log"
+    logger = logging.getLogger("ray")
+    console = list(logger.handlers)
+    levels = [h.level for h in console]
+    assert console, "ray configures a console handler of its own"
+    undo = _route_driver_logs(log, "warning")
+    try:
+        assert all(h.level == logging.WARNING for h in console)
+        logger.info("Started a local Ray instance.")
+        logger.warning("Token authentication is enabled for this Ray cluster.")
+    finally:
+        undo()
+        _log_files.pop(log).close()
+    logged = log.read_text()
+    assert "INFO ray: Started a local Ray instance." in logged and "Token authentication" in logged
+    assert list(logger.handlers) == console and [h.level for h in console] == levels
+    undo = _route_driver_logs(log, "info")  # logging.ray: info leaves the console as Ray set it
+    try:
+        assert [h.level for h in console] == levels
+    finally:
+        undo()
+        _log_files.pop(log).close()
