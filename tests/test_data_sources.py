@@ -12,17 +12,25 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 
+from distnmt.config import DataConfig
 from distnmt.data import REGISTRY, DataError, PreparedData, prepare
 from distnmt.data import download as download_module
 from distnmt.data.download import download, part_path
 from distnmt.data.fetch import Fetcher, extract_members, verify_archive
 from distnmt.data.sources import WMT14_PARTS, Archive, Registry, members
 
-SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, progress=False,
-             workers=1)
+SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, workers=1)
+
+
+def _prepare(mirror: Optional[Path], out: Path, cache: Optional[Path] = None, registry: Registry = REGISTRY, **kw: Any):
+    """prepare() of the small sample config (SMALL, then ``kw``) from ``mirror`` (None: download) into ``out``."""
+    data = DataConfig(source_dir=str(mirror) if mirror is not None else None, prepared_dir=str(out),
+                      cache_dir=str(cache or out / "cache"), **{**SMALL, **kw})
+    return prepare(data, progress=False, registry=registry)
 
 # ----------------------------------------------------------------------- registry
 
@@ -116,7 +124,7 @@ def registry_for(archives: dict[str, bytes], base_url: str = "http://unused.inva
 @pytest.fixture(scope="module")
 def reference(small_mirror_master: Path, tmp_path_factory: pytest.TempPathFactory):
     """prepare() reading the extracted files: what every other way in must reproduce."""
-    return prepare(small_mirror_master, tmp_path_factory.mktemp("reference"), **SMALL)
+    return _prepare(small_mirror_master, tmp_path_factory.mktemp("reference"))
 
 
 def _same_output(a: Path, b: Path) -> None:
@@ -132,7 +140,7 @@ def test_mirror_of_archives_gives_the_same_data(small_mirror_master: Path, refer
     archives = build_archives(small_mirror_master, tmp_path / "mirror")
     registry = registry_for(archives, md5=True)  # md5 checksums (as sacreBLEU publishes them) work too
     out, cache = tmp_path / "out", tmp_path / "cache"
-    result = prepare(tmp_path / "mirror", out, cache_dir=cache, registry=registry, **SMALL)
+    result = _prepare(tmp_path / "mirror", out, cache=cache, registry=registry)
     _same_output(reference.out_dir, out)
     assert result.manifest["counts"] == reference.manifest["counts"]
     sha = result.manifest["sources"]["archives_sha256"]
@@ -142,7 +150,7 @@ def test_mirror_of_archives_gives_the_same_data(small_mirror_master: Path, refer
     assert result.manifest["sources"]["train"]["europarl-v7"]["files"][0] == str(extracted)
     # a re-run neither re-verifies nor re-extracts an unchanged archive
     before = extracted.stat().st_mtime_ns
-    again = prepare(tmp_path / "mirror", out, cache_dir=cache, registry=registry, **SMALL)
+    again = _prepare(tmp_path / "mirror", out, cache=cache, registry=registry)
     assert extracted.stat().st_mtime_ns == before and again.manifest["shards"] == result.manifest["shards"]
 
 
@@ -159,8 +167,7 @@ def test_archive_checks(small_mirror_master: Path, tmp_path: Path) -> None:
         verify_archive(path, Archive(good.name, good.url, 12, None))
     # the real registry's checksum rejects this home-made archive, naming it
     with pytest.raises(DataError, match=rf"^{path}: {good.size} bytes but https://www.statmt.org/wmt14/training-parallel-nc-v9.tgz"):
-        prepare(tmp_path / "mirror", tmp_path / "out", cache_dir=tmp_path / "cache", **{**SMALL, "preset": None,
-                "parts": ["news-commentary-v9"]})
+        _prepare(tmp_path / "mirror", tmp_path / "out", cache=tmp_path / "cache", preset=None, parts=["news-commentary-v9"])
     assert not (tmp_path / "out/manifest.json").exists()
 
     cut = tmp_path / "cut.tgz"
@@ -177,7 +184,7 @@ def test_mirror_with_two_candidates_is_ambiguous(small_mirror: Path, tmp_path: P
     copy.parent.mkdir()
     copy.write_bytes((small_mirror / "train/by-corpus/europarl-v7.en.gz").read_bytes())
     with pytest.raises(DataError, match=r"europarl-v7 \(en\): 2 files named 'europarl-v7.en.gz'"):
-        prepare(small_mirror, tmp_path, **SMALL)
+        _prepare(small_mirror, tmp_path)
 
 
 # ----------------------------------------------------------------- downloading
@@ -245,7 +252,7 @@ def test_download_resumes_and_then_takes_the_mirror_path(
         server.cut = {"training-giga-fren.tar", "dev.tgz"}  # two downloads break half-way
         registry = registry_for(archives, server.url)
         cache = tmp_path / "cache"
-        result = prepare(None, tmp_path / "out", cache_dir=cache, registry=registry, **SMALL)
+        result = _prepare(None, tmp_path / "out", cache=cache, registry=registry)
     _same_output(reference.out_dir, tmp_path / "out")
     assert result.manifest["source_dir"] is None
     for name, data in archives.items():
