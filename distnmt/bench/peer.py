@@ -140,18 +140,18 @@ def write_peer_data(cfg: Config, out: Path, dev_sentences: Optional[int], test_s
     """Write the prepared training pairs back to text (decoded with their own sentencepiece
     models, so JoeyNMT re-encodes the very pairs distnmt trains on), the dev and test
     subsets, and JoeyNMT vocabulary files listing our sentencepiece pieces in id order."""
+    from distnmt.data.prepared import PreparedData
     from distnmt.data.shards import TokenArray
-    from distnmt.data.tokenizer import Tokenizer
 
-    prepared, (s, t) = Path(cfg.data.prepared_dir), (cfg.data.src_lang, cfg.data.tgt_lang)
+    prepared, (s, t) = PreparedData.from_config(cfg.data), (cfg.data.src_lang, cfg.data.tgt_lang)
     out.mkdir(parents=True, exist_ok=True)
     data = PeerData(out / "train", out / "dev", out / "test", out / f"vocab.{s}.txt", out / f"vocab.{t}.txt",
-                    prepared / f"spm.{s}.model", prepared / f"spm.{t}.model", 0)
+                    prepared.spm_model(s), prepared.spm_model(t), 0)
     for lang, vocab in ((s, data.src_vocab), (t, data.tgt_vocab)):
-        tok = Tokenizer(prepared / f"spm.{lang}.model")
+        tok = prepared.tokenizer(lang)
         # Specials (ids 0-3 in our models) are JoeyNMT's own; it adds them itself.
         vocab.write_text("".join(tok.id_to_piece(i) + "\n" for i in range(4, tok.vocab_size)), encoding="utf-8")
-        arr = TokenArray(prepared / f"train.{lang}")
+        arr = TokenArray(prepared.train_prefix(lang))
         data.train_pairs = len(arr)
         target = Path(f"{data.train}.{lang}")
         if not target.exists() or sum(1 for _ in open(target, encoding="utf-8")) != len(arr):
@@ -161,7 +161,7 @@ def write_peer_data(cfg: Config, out: Path, dev_sentences: Optional[int], test_s
             os.replace(f"{target}.tmp", target)
     for split, path, limit in (("dev", data.dev, dev_sentences), ("test", data.test, test_sentences)):
         for lang in (s, t):
-            lines = (prepared / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()
+            lines = prepared.text(split, lang).read_text(encoding="utf-8").splitlines()
             Path(f"{path}.{lang}").write_text("".join(x + "\n" for x in lines[:limit]), encoding="utf-8")
     return data
 
@@ -311,29 +311,13 @@ def parse_joeynmt_log(text: str, validation_freq: int) -> dict[str, Any]:
 
 
 def tree_rss_mib(pid: int) -> tuple[float, float]:
-    """(sum, largest) resident memory in MiB of ``pid`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    total = largest = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        mib = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-        total, largest = total + mib, max(largest, mib)
-    return total, largest
+    """(sum, largest) resident memory in MiB of ``pid`` and all its descendants, from /proc.
+
+    The sum counts a shared page once per process that maps it: see tree_memory's PSS."""
+    from distnmt.cluster import process_tree, tree_memory
+
+    memory = tree_memory(process_tree(pid))
+    return memory["rss"], memory["largest_rss"]
 
 
 def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[str, str]] = None,
@@ -345,7 +329,9 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
     that lands mid-validation); past ``limit_s`` the same. After 90 s of that it gets
     SIGTERM, after 120 s SIGKILL, so a hung system never hangs the benchmark.
     """
-    peak_total = peak_one = 0.0
+    from distnmt.cluster import process_tree, tree_memory
+
+    peak_total = peak_one = peak_pss = peak_uss = 0.0
     launched = time.time()
     interrupted_at: Optional[float] = None
     last_sigint = 0.0
@@ -353,8 +339,11 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             while proc.poll() is None:
-                total, one = tree_rss_mib(proc.pid)
-                peak_total, peak_one = max(peak_total, total), max(peak_one, one)
+                # PSS: shared pages (torch's libraries in every Ray worker) counted once in
+                # all, which summed RSS counts once per process; USS: private pages only.
+                memory = tree_memory(process_tree(proc.pid))
+                peak_total, peak_one = max(peak_total, memory["rss"]), max(peak_one, memory["largest_rss"])
+                peak_pss, peak_uss = max(peak_pss, memory["pss"]), max(peak_uss, memory["uss"])
                 now = time.time()
                 bar.n = int(now - launched)
                 bar.refresh()
@@ -374,6 +363,7 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
                 proc.wait()
     return {"returncode": proc.returncode, "wall_s": round(time.time() - launched, 1), "launched": launched,
             "interrupted": interrupted_at is not None, "peak_rss_tree_mib": round(peak_total),
+            "peak_pss_tree_mib": round(peak_pss), "peak_uss_tree_mib": round(peak_uss),
             "peak_rss_largest_process_mib": round(peak_one)}
 
 
@@ -419,7 +409,7 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
                 data: PeerData, beam: int, targets: list[float], checkpoint_every: int,
                 xent_targets: list[float]) -> dict[str, Any]:
     """One distnmt run (``naive``: without bucketing) under the budget, and its figures."""
-    from distnmt.data.tokenizer import Tokenizer
+    from distnmt.data.prepared import PreparedData
     from distnmt.evaluate.records import read_scores
     from distnmt.model.build import build_model
 
@@ -449,9 +439,8 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
     curve = [{"step": r.step, "minutes": (r.reported_at - start) / 60, "bleu": r.bleu, "xent": r.xent}
              for r in scored if r.reported_at is not None]
     best = max(scored, key=lambda r: r.bleu)
-    prepared = Path(cfg.data.prepared_dir)
-    model = build_model(cfg.model, Tokenizer(prepared / f"spm.{cfg.data.src_lang}.model").vocab_size,
-                        Tokenizer(prepared / f"spm.{cfg.data.tgt_lang}.model").vocab_size)
+    vocab = PreparedData.from_config(cfg.data).vocab_sizes
+    model = build_model(cfg.model, vocab["src"], vocab["tgt"])
     rates = [x["tokens_per_s"] for x in metrics[1:]] or [x["tokens_per_s"] for x in metrics]
     return {
         "system": name, "version": _distnmt_version(), "workers": cfg.train.max_workers,
@@ -462,7 +451,7 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
         "startup_s": round(start - watch["launched"], 1),
         "padding_efficiency": round(statistics.median(x["target_padding_efficiency"] for x in metrics), 4),
         "peak_rss_training_process_mib": round(max(x["peak_rss_mib"] for x in metrics)),
-        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
+        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_pss_tree_mib", "peak_uss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
         "dev_curve": curve, "minutes_to_dev_bleu": minutes_to_targets(curve, targets),
         "minutes_to_dev_xent": minutes_to_xent(curve, xent_targets),
         "best_dev": {"checkpoint": best.checkpoint, "step": best.step, "bleu": best.bleu, "xent": best.xent},
@@ -518,11 +507,10 @@ def run_joeynmt(python: Path, cfg: Config, minutes: float, out: Path, data: Peer
     hyps = Path(f"{hyp}.test").read_text(encoding="utf-8").splitlines()
     refs = Path(f"{data.test}.{cfg.data.tgt_lang}").read_text(encoding="utf-8").splitlines()
     rates = [x["tokens_per_s"] for x in log["train"][1:]] or [x["tokens_per_s"] for x in log["train"]]
-    from distnmt.data.shards import TokenArray
+    from distnmt.data.prepared import PreparedData
 
-    prepared = Path(cfg.data.prepared_dir)
-    src_len = TokenArray(prepared / f"train.{cfg.data.src_lang}").lengths
-    tgt_len = TokenArray(prepared / f"train.{cfg.data.tgt_lang}").lengths
+    src, tgt = PreparedData.from_config(cfg.data).train_arrays()
+    src_len, tgt_len = src.lengths, tgt.lengths
     return {
         "system": "joeynmt", "version": JOEYNMT_VERSION, "workers": 1, "bucketing": False,
         "step_token_budget": joeynmt_batch_size(cfg), "params": log["params"],
@@ -534,7 +522,7 @@ def run_joeynmt(python: Path, cfg: Config, minutes: float, out: Path, data: Peer
         "padding_efficiency": round(joeynmt_padding_efficiency(np.asarray(src_len), np.asarray(tgt_len),
                                                                joeynmt_batch_size(cfg), cfg.train.seed), 4),
         "peak_rss_training_process_mib": watch["peak_rss_largest_process_mib"],
-        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
+        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_pss_tree_mib", "peak_uss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
         "dev_curve": curve, "minutes_to_dev_bleu": minutes_to_targets(curve, targets),
         "minutes_to_dev_xent": minutes_to_xent(curve, xent_targets),
         "best_dev": ({"checkpoint": "best.ckpt", "step": best["step"], "bleu": best["bleu"], "xent": best["xent"]}
@@ -586,7 +574,8 @@ def markdown(header: dict[str, Any], results: list[dict[str, Any]], targets: lis
     xent_targets = xent_targets or []
     lines = ["# distnmt bench peer\n", *(f"- {k}: {v}" for k, v in header.items() if k != "ratios"), ""]
     cols = ["system", "tgt tokens/s", "updates", "params", "padding eff", "peak RSS train proc MiB",
-            "peak RSS tree MiB", "start-up s", "best dev BLEU", *(f"min to dev {t:g}" for t in targets),
+            "peak RSS tree MiB (summed)", "peak PSS tree MiB", "peak USS tree MiB", "start-up s", "best dev BLEU",
+            *(f"min to dev {t:g}" for t in targets),
             "last dev xent", *(f"min to dev xent {t:g}" for t in xent_targets), "newstest2014 BLEU"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
@@ -599,6 +588,7 @@ def markdown(header: dict[str, Any], results: list[dict[str, Any]], targets: lis
         lines.append("| " + " | ".join([
             r["system"], f"{r['tokens_per_s']}", f"{r['updates']}", f"{r['params']:,}" if r["params"] else "",
             f"{r['padding_efficiency']:.3f}", f"{r['peak_rss_training_process_mib']}", f"{r['peak_rss_tree_mib']}",
+            f"{r.get('peak_pss_tree_mib', '')}", f"{r.get('peak_uss_tree_mib', '')}",
             f"{r['startup_s']}", _fmt(r["best_dev"]["bleu"]), *reach, _fmt3(r.get("last_dev_xent")),
             *xent_reach[:len(xent_targets)], f"{r['test']['bleu']:.2f}"]) + " |")
     lines += ["", "Ratios: " + (", ".join(f"{k} {v}" for k, v in header["ratios"].items()) or "none"), ""]

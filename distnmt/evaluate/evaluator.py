@@ -42,8 +42,9 @@ from typing import Any, Iterator, Optional
 import ray
 import torch
 
-from distnmt.checkpoint import read_meta
+from distnmt.checkpoint import META_FILE, is_checkpoint_name, list_checkpoints, meta_path, read_meta
 from distnmt.config import Config, config_from_dict
+from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.policy import EarlyStopping, best_record, should_skip
 from distnmt.evaluate.records import FinalReport, Record, RecordStore, ScoreRecord, SkipRecord
 from distnmt.evaluate.score import EvalSplit, Scored, decode_settings, evaluate_checkpoint, load_split
@@ -59,7 +60,7 @@ class Evaluator:
         # One thread by default: the evaluator shares the machine with the trainers.
         torch.set_num_threads(self.cfg.eval.threads)
         self.device = "cuda" if self.cfg.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.prepared = Path(prepared_dir)
+        self.prepared = PreparedData(Path(prepared_dir), self.cfg.data.src_lang, self.cfg.data.tgt_lang)
         self.run_dir = Path(run_dir)
         self.split = self.cfg.eval.split
         self._splits: dict[str, EvalSplit] = {}
@@ -154,7 +155,7 @@ class Evaluator:
         name = posixpath.basename(checkpoint.path.rstrip("/"))
         step = self._step_of(checkpoint.filesystem, checkpoint.path)
         self._known[name] = step
-        reported_at = _mtime(checkpoint.filesystem, posixpath.join(checkpoint.path, "meta.json"))
+        reported_at = _mtime(checkpoint.filesystem, posixpath.join(checkpoint.path, META_FILE))
         with self._lock:  # decided at the checkpoint's turn: what is known then is what counts
             if self._find(self.split, name) is None:
                 skip = self.store.find_skip(self.split, name)
@@ -177,7 +178,7 @@ class Evaluator:
         return record
 
     def _step_of(self, filesystem: Any, path: str) -> int:
-        with filesystem.open_input_stream(posixpath.join(path, "meta.json")) as stream:
+        with filesystem.open_input_stream(posixpath.join(path, META_FILE)) as stream:
             return int(json.loads(stream.read().decode("utf-8"))["step"])
 
     def _discover(self, checkpoint: "ray.train.Checkpoint") -> None:
@@ -191,7 +192,7 @@ class Evaluator:
             return  # storage unreachable right now: decide on what the calls told us
         for info in infos:
             name = info.base_name
-            if info.type != pyarrow.fs.FileType.Directory or not name.startswith("checkpoint_") or name in self._known:
+            if info.type != pyarrow.fs.FileType.Directory or not is_checkpoint_name(name) or name in self._known:
                 continue
             try:
                 self._known[name] = self._step_of(filesystem, info.path)
@@ -264,16 +265,13 @@ class Evaluator:
         scored here (or, under policy "newest", recorded as skipped for the newest);
         one scored by ``distnmt evaluate`` meanwhile is re-issued as a training score.
         """
-        on_disk = sorted(
-            (p for p in self.run_dir.glob("checkpoint_*") if (p / "meta.json").is_file()),
-            key=lambda p: int(read_meta(p)["step"]),
-        )
+        on_disk = sorted(list_checkpoints(self.run_dir), key=lambda p: int(read_meta(p)["step"]))
         for path in on_disk:
             existing = self._find(self.split, path.name)
             if (existing is not None and existing.origin == "training") or self.store.find_skip(self.split, path.name):
                 continue
             step = int(read_meta(path)["step"])
-            reported_at = (path / "meta.json").stat().st_mtime
+            reported_at = meta_path(path).stat().st_mtime
             if existing is not None:  # scored by `distnmt evaluate`: re-issued, not decoded again
                 self._score(path, path.name, self.split, origin="training", reported_at=reported_at)
                 continue
@@ -323,7 +321,7 @@ class Evaluator:
             return
         try:
             checkpoint = ray.train.Checkpoint(path)
-            exists = checkpoint.filesystem.get_file_info(posixpath.join(checkpoint.path, "meta.json")).is_file
+            exists = checkpoint.filesystem.get_file_info(posixpath.join(checkpoint.path, META_FILE)).is_file
         except (OSError, ValueError):
             exists = False
         if not exists:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from distnmt.checkpoint import read_meta
 from distnmt.config import Config, EvalConfig
 from distnmt.data.batch import collate
-from distnmt.data.corpus import read_lines
+from distnmt.data.prepared import PreparedData
 from distnmt.data.tokenizer import PAD_ID
 from distnmt.evaluate.records import DECODE_KEYS, RecordStore, ScoreRecord, lag_between
 from distnmt.evaluate.scoring import score_corpus
@@ -64,11 +64,9 @@ def eval_set_name(path_or_prefix: str) -> str:
     return found.group(0) if found else Path(path_or_prefix).name.split(".")[0]
 
 
-def load_split(prepared_dir: Path, cfg: Config, split: str) -> EvalSplit:
+def load_split(prepared: PreparedData, cfg: Config, split: str) -> EvalSplit:
     """The split's raw text from the prepared data (first ``eval.max_sentences`` lines)."""
-    prepared = Path(prepared_dir)
-    sources = read_lines(prepared / f"{split}.{cfg.data.src_lang}")
-    references = read_lines(prepared / f"{split}.{cfg.data.tgt_lang}")
+    sources, references = prepared.eval_text(split)
     limit = cfg.eval.max_sentences
     if limit is not None:
         sources, references = sources[:limit], references[:limit]

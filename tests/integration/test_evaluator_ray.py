@@ -22,7 +22,7 @@ from distnmt.evaluate.score import SLOWDOWN_ENV
 
 pytestmark = pytest.mark.integration
 
-NAMESPACE = "distnmt"  # distnmt.train.driver.NAMESPACE (not imported: collecting must not need train/)
+NAMESPACE = "distnmt"  # distnmt.orchestrate.NAMESPACE (not imported: collecting must not need train/)
 TINY = [
     "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
     "data.max_len=30", "data.max_tokens=600", "data.vocab_size=800",
@@ -45,9 +45,11 @@ def local_ray() -> Iterator[None]:
     settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", SLOWDOWN_ENV: "2"}
     previous = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
-    ray.init(address="local", namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
+    from distnmt.cluster import start_local
+
+    local_ray = start_local()  # loopback, as every local cluster distnmt starts
     yield
-    ray.shutdown()
+    local_ray.stop()
     for key, value in previous.items():
         if value is None:
             os.environ.pop(key, None)
@@ -56,7 +58,7 @@ def local_ray() -> Iterator[None]:
 
 
 def _train(prepared: Path, storage: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     cfg = load_config(None, TINY + overrides + [
         f"data.prepared_dir={prepared}", f"train.storage_path={storage}", f"train.name={name}",

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_workers_train_while_the_evaluator_scores(tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     # Ray Train's controller polls every 2 s by default, which is long next to
     # this tiny run; the local cluster inherits this from the test's process.
