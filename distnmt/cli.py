@@ -1,8 +1,9 @@
-"""``distnmt prepare | train | evaluate | translate``.
+"""``distnmt prepare | train | evaluate | translate | bench | cluster``.
 
-Every command takes ``--config FILE`` and any number of ``--set key=value``
-overrides. User mistakes (config, data, checkpoints) end in one line on stderr
-and exit status 2, never in a traceback.
+prepare, train and evaluate take ``--config FILE`` and any number of ``--set
+key=value`` overrides; translate reads its settings from the checkpoint, bench and
+cluster have options of their own (``--help``). User mistakes (config, data,
+checkpoints) end in one line on stderr and exit status 2, never in a traceback.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """
     from distnmt.data.clean import CleanRules
     from distnmt.data.prepare import prepare
+    from distnmt.data.prepared import PreparedData
 
     overrides = list(args.overrides)
     if args.mirror is not None:
@@ -70,13 +72,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     counts = result.manifest.get("counts", {})
     print(f"[prepare] wrote {result.out_dir} in {time.time() - started:.1f} s: {json.dumps(counts)}", flush=True)
-    print(f"[prepare] report: {result.out_dir / 'report.md'}", flush=True)
+    print(f"[prepare] report: {PreparedData(result.out_dir).report_md}", flush=True)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with Ray (local cluster unless an address is given); the evaluator scores checkpoints."""
-    from distnmt.train.driver import TrainingError, run_training
+    from distnmt.orchestrate import TrainingError, run_training
 
     overrides = list(args.overrides)
     if args.address:
@@ -108,15 +110,17 @@ def _eval_overrides(args: argparse.Namespace, cfg: Config) -> EvalConfig:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score one checkpoint, or the average of the last N, on dev or test without Ray Train."""
-    import os
+    """Score one checkpoint, or the average of the last N, on dev or test: no Ray, no evaluator actor."""
     import shutil
+
+    import torch
 
     from distnmt.checkpoint import check_vocab, read_meta
     from distnmt.config import _apply_override, config_from_dict, parse_override
-    from distnmt.data.prepare import load_manifest
+    from distnmt.data.prepared import PreparedData
     from distnmt.evaluate.average import average_checkpoints, last_checkpoints
-    from distnmt.evaluate.evaluator import Evaluator
+    from distnmt.evaluate.records import RecordStore
+    from distnmt.evaluate.score import decode_settings, evaluate_checkpoint, load_split
 
     checkpoint = Path(args.checkpoint)
     if args.config:
@@ -131,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     prepared = args.prepared or Path(cfg.data.prepared_dir)
     # The checkpoint decodes with its own sentencepiece models, but data prepared with
     # another vocabulary means another preparation than the one it was trained for.
-    check_vocab(read_meta(checkpoint), load_manifest(Path(prepared))["spm_sha256"], checkpoint)
+    prepared_data = PreparedData(Path(prepared), cfg.data.src_lang, cfg.data.tgt_lang)
+    check_vocab(read_meta(checkpoint), prepared_data.spm_sha256, checkpoint)
     out = args.out or checkpoint.parent
     if args.average < 1:
         raise ConfigError(f"--average {args.average}: must be at least 1 (1 = no averaging)")
@@ -141,18 +146,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shutil.rmtree(averaged, ignore_errors=True)  # the same inputs give the same average: rewrite it
         checkpoint = average_checkpoints(paths, averaged)
         print(f"[evaluate] averaged {' '.join(p.name for p in paths)} into {checkpoint}", flush=True)
-    evaluator = Evaluator(cfg.to_dict(), str(prepared), str(out))
-    record = evaluator.score(str(checkpoint))
+    torch.set_num_threads(cfg.eval.threads)
+    device = "cuda" if cfg.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    split = load_split(prepared_data, cfg, cfg.eval.split)
+    store = RecordStore(Path(out) / "eval")
     # A checkpoint already scored with these settings is not decoded again.
-    reused = " (persisted score reused)" if record.get("evaluator_pid") != os.getpid() else ""
+    record = store.find(split.name, checkpoint.name, decode_settings(cfg.eval, len(split.sources)))
+    reused = " (persisted score reused)" if record is not None else ""
+    if record is None:
+        record = evaluate_checkpoint(checkpoint, checkpoint.name, split, cfg.eval, store, "evaluate", device).record
+    cpu = "" if record.decode_cpu_seconds is None else f"; {record.decode_cpu_seconds:.1f} s of CPU"
     print(
-        f"[evaluate] {record['sentences']} sentences, beam {record['beam_size']}: decoded in "
-        f"{record['decode_seconds']:.1f} s ({record['sentences_per_s']:.1f} sentences/s; "
-        f"{record.get('decode_cpu_seconds', float('nan')):.1f} s of CPU, {cfg.eval.threads} thread(s)){reused}; "
-        f"hypotheses in {Path(out) / 'eval' / record['hyp_file']}"
+        f"[evaluate] {record.sentences} sentences, beam {record.beam_size}: decoded in "
+        f"{record.decode_seconds:.1f} s ({record.sentences_per_s:.1f} sentences/s{cpu}, {cfg.eval.threads} "
+        f"thread(s)){reused}; hypotheses in {Path(out) / 'eval' / record.hyp_file}"
     )
-    print(f"{record['test_set']} {record['checkpoint']}: {record['bleu_line']}")
-    print(f"chrF2|{record['chrf_signature']} = {record['chrf']:.2f}")
+    print(f"{record.test_set} {record.checkpoint}: {record.bleu_line}")
+    print(f"chrF2|{record.chrf_signature} = {record.chrf:.2f}")
+    if record.xent is not None:
+        print(f"cross-entropy per target subword (teacher-forced, {record.xent_tokens} subwords incl. EOS) = "
+              f"{record.xent:.4f} nats")
     return 0
 
 
@@ -230,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of that benchmark (try: distnmt bench data --help)")
     p.set_defaults(func=cmd_bench)
+
+    from distnmt import cluster
+
+    cluster.add_parser(sub)
     return parser
 
 
@@ -240,8 +257,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return func(args)
     except USER_ERRORS as err:
+        _end_progress_bars()
         print(f"distnmt {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open, so that the error starts a line of
+    its own instead of continuing the bar's (``clean: 0 pairs [...]distnmt prepare: error``)."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

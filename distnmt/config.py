@@ -142,12 +142,18 @@ class TrainConfig:
         return isinstance(self.workers, list) and self.workers[0] != self.workers[1]
 
     @property
+    def local_mode(self) -> bool:
+        """``workers: 0``: Ray Train's local mode, one rank in the calling process."""
+        return self.workers == 0
+
+    @property
     def min_workers(self) -> int:
-        return self.workers[0] if isinstance(self.workers, list) else self.workers
+        """Fewest ranks (1 in local mode: it is one rank, only not a Ray worker)."""
+        return self.workers[0] if isinstance(self.workers, list) else max(self.workers, 1)
 
     @property
     def max_workers(self) -> int:
-        return self.workers[1] if isinstance(self.workers, list) else self.workers
+        return self.workers[1] if isinstance(self.workers, list) else max(self.workers, 1)
 
     def accumulate_at(self, world: int) -> int:
         """Micro-batches per rank per step at ``world`` ranks.
@@ -192,6 +198,9 @@ class LoggingConfig:
     log_every: int = 10
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "distnmt"
+    # warning: Ray's informational lines go to <run dir>/logs/ray-<time>.log only;
+    # info: to the console too (Ray's own default), for debugging Ray itself.
+    ray: Literal["warning", "info"] = "warning"
 
 
 @dataclass
@@ -386,7 +395,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: tuple[str, .
 def validate(cfg: Config, where: _Where = _Where()) -> None:
     """Checks that span values (ranges, combinations); raises ConfigError."""
     checks: list[tuple[bool, str, str]] = [
-        (_workers_ok(cfg.train.workers), "train.workers", "must be a number of workers >= 1, or [min, max] with 1 <= min <= max"),
+        (_workers_ok(cfg.train.workers), "train.workers", "must be a number of workers >= 1, 0 (Ray Train's local mode: one process, no cluster), or [min, max] with 1 <= min <= max"),
         (cfg.train.elastic_resize_interval_s >= 0, "train.elastic_resize_interval_s", "must be >= 0"),
         (cfg.train.preemption_check_every >= 1, "train.preemption_check_every", "must be at least 1"),
         (cfg.train.threads_per_worker >= 1, "train.threads_per_worker", "must be at least 1"),
@@ -434,7 +443,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
 
 def _workers_ok(workers: Union[int, list[int]]) -> bool:
     if isinstance(workers, int):
-        return workers >= 1
+        return workers >= 0
     return len(workers) == 2 and 1 <= workers[0] <= workers[1]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distnmt.data import REGISTRY, DataError, prepare
+from distnmt.data import REGISTRY, DataError, PreparedData, prepare
 from distnmt.data import download as download_module
 from distnmt.data.download import download, part_path
 from distnmt.data.fetch import Fetcher, extract_members, verify_archive
@@ -120,10 +120,12 @@ def reference(small_mirror_master: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def _same_output(a: Path, b: Path) -> None:
-    for path in sorted((a / "shards").iterdir()):
-        assert path.read_bytes() == (b / "shards" / path.name).read_bytes(), path.name
-    for name in ("spm.en.model", "spm.fr.model", "dev.en", "dev.fr", "test.en", "test.fr", "report.md"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    one, two = PreparedData(a), PreparedData(b)
+    for path in sorted(one.shard_dir.iterdir()):
+        assert path.read_bytes() == (two.shard_dir / path.name).read_bytes(), path.name
+    for pick in (lambda d: d.spm_model("en"), lambda d: d.spm_model("fr"), lambda d: d.report_md,
+                 *(lambda d, s=split, lang=lang: d.text(s, lang) for split in ("dev", "test") for lang in ("en", "fr"))):
+        assert pick(one).read_bytes() == pick(two).read_bytes(), pick(one).name
 
 
 def test_mirror_of_archives_gives_the_same_data(small_mirror_master: Path, reference, tmp_path: Path) -> None:

@@ -27,14 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from distnmt.checkpoint import DEEPSPEED_TAG, deepspeed_dir
 from distnmt.config import Config, ConfigError
 from distnmt.data.batch import Batch
 from distnmt.data.tokenizer import PAD_ID
 from distnmt.train.optim import build_optimizer
 from distnmt.train.schedule import build_scheduler
-
-DEEPSPEED_SUBDIR = "deepspeed"
-DEEPSPEED_TAG = "state"
 
 
 @dataclass
@@ -360,10 +358,10 @@ class DeepSpeedEngine(Engine):
     def save_sharded(self, directory: Path) -> None:
         # A collective: every rank writes its optimizer partition (ZeRO) into its
         # own copy of the directory; Ray merges the copies in storage.
-        self.engine.save_checkpoint(str(directory / DEEPSPEED_SUBDIR), tag=DEEPSPEED_TAG)
+        self.engine.save_checkpoint(str(deepspeed_dir(directory)), tag=DEEPSPEED_TAG)
 
     def load(self, state: dict[str, Any], directory: Path) -> None:
-        source = self.universal if self.universal is not None else directory / DEEPSPEED_SUBDIR
+        source = self.universal if self.universal is not None else deepspeed_dir(directory)
         path, _ = self.engine.load_checkpoint(
             str(source), tag=DEEPSPEED_TAG,
             load_optimizer_states=True, load_lr_scheduler_states=True,
