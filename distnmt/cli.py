@@ -44,6 +44,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """
     from distnmt.data.clean import CleanRules
     from distnmt.data.prepare import prepare
+    from distnmt.data.prepared import PreparedData
 
     overrides = list(args.overrides)
     if args.mirror is not None:
@@ -71,7 +72,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     counts = result.manifest.get("counts", {})
     print(f"[prepare] wrote {result.out_dir} in {time.time() - started:.1f} s: {json.dumps(counts)}", flush=True)
-    print(f"[prepare] report: {result.out_dir / 'report.md'}", flush=True)
+    print(f"[prepare] report: {PreparedData(result.out_dir).report_md}", flush=True)
     return 0
 
 
@@ -115,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from distnmt.checkpoint import check_vocab, read_meta
     from distnmt.config import _apply_override, config_from_dict, parse_override
-    from distnmt.data.prepare import load_manifest
+    from distnmt.data.prepared import PreparedData
     from distnmt.evaluate.average import average_checkpoints, last_checkpoints
     from distnmt.evaluate.evaluator import Evaluator
 
@@ -132,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     prepared = args.prepared or Path(cfg.data.prepared_dir)
     # The checkpoint decodes with its own sentencepiece models, but data prepared with
     # another vocabulary means another preparation than the one it was trained for.
-    check_vocab(read_meta(checkpoint), load_manifest(Path(prepared))["spm_sha256"], checkpoint)
+    check_vocab(read_meta(checkpoint), PreparedData(Path(prepared), cfg.data.src_lang, cfg.data.tgt_lang).spm_sha256, checkpoint)
     out = args.out or checkpoint.parent
     if args.average < 1:
         raise ConfigError(f"--average {args.average}: must be at least 1 (1 = no averaging)")

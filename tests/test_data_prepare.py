@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from distnmt.cli import main
-from distnmt.data import CleanRules, DataError, TokenArray, Tokenizer, load_manifest, prepare, read_lines, read_parallel
+from distnmt.data import CleanRules, DataError, PreparedData, load_manifest, prepare, read_lines, read_parallel
 from distnmt.data.clean import DROPPING_RULES
+from distnmt.data.shards import ids_path, index_path
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs/quickstart.yaml"
 SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, progress=False)
@@ -48,13 +49,15 @@ def test_prepare_end_to_end(prepared, shared_data: Path) -> None:
     assert dropped["too_long"] > 0  # Europarl has sentences over 50 subwords
     assert counts["dev"] == 3000 and counts["test"] == 3003
 
-    tok = {lang: Tokenizer(out / f"spm.{lang}.model") for lang in ("en", "fr")}
-    assert {lang: t.sha256 for lang, t in tok.items()} == manifest["spm_sha256"]
-    src, tgt = TokenArray(out / "train.en"), TokenArray(out / "train.fr")
+    data = PreparedData.load(out)
+    tok = {lang: data.tokenizer(lang) for lang in ("en", "fr")}
+    assert {lang: t.sha256 for lang, t in tok.items()} == manifest["spm_sha256"] == data.spm_sha256
+    assert data.vocab_sizes == {"src": 500, "tgt": 500}
+    src, tgt = data.train_arrays()
     assert len(src) == len(tgt) == counts["train"]
     assert src.num_tokens == counts["train_tokens_en"] and tgt.num_tokens == counts["train_tokens_fr"]
     assert 1 <= src.lengths.min() and max(src.lengths.max(), tgt.lengths.max()) <= 50
-    ids = np.load(out / "shards/train-00000.fr.ids.npy")
+    ids = np.load(ids_path(data.shard_prefix("train-00000", "fr")))
     assert ids.dtype == np.uint16 and int(ids.max()) < 500
 
     # the first training pair is short and clean: it decodes back to the raw text
@@ -62,18 +65,46 @@ def test_prepare_end_to_end(prepared, shared_data: Path) -> None:
     assert tok["en"].decode(src[0]) == en and tok["fr"].decode(tgt[0]) == fr
 
     # raw references are copied unchanged; sources are encoded in full
-    assert (out / "dev.en").read_bytes() == (shared_data / "dev/newstest2013.en").read_bytes()
-    assert (out / "dev.fr").read_bytes() == (shared_data / "dev/newstest2013.fr").read_bytes()
-    assert (out / "test.fr").read_bytes() == (shared_data / "test/newstest2014.fr").read_bytes()
-    assert read_lines(out / "test.en") == read_lines(shared_data / "test/newstest2014.en")
-    dev = TokenArray(out / "dev.en")
-    assert len(dev) == 3000 and dev[5].tolist() == tok["en"].encode(read_lines(out / "dev.en")[5])
-    assert len(TokenArray(out / "test.en")) == 3003
+    assert data.text("dev", "en").read_bytes() == (shared_data / "dev/newstest2013.en").read_bytes()
+    assert data.text("dev", "fr").read_bytes() == (shared_data / "dev/newstest2013.fr").read_bytes()
+    assert data.text("test", "fr").read_bytes() == (shared_data / "test/newstest2014.fr").read_bytes()
+    assert data.eval_text("test")[0] == read_lines(shared_data / "test/newstest2014.en")
+    dev = data.source_ids("dev")
+    assert len(dev) == 3000 and dev[5].tolist() == tok["en"].encode(data.eval_text("dev")[0][5])
+    assert len(data.source_ids("test")) == 3003
     leftovers = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".scratch"))]
     assert not leftovers
     # the source checksums are those of the files as published with the sample
     sums = dict(line.split()[::-1] for line in (shared_data / "SHA256SUMS").read_text().splitlines())
     assert manifest["sources"]["train"]["train"]["sha256"] == [sums["train/train.en.gz"], sums["train/train.fr.gz"]]
+
+
+def test_prepared_data_layout(prepared) -> None:
+    """The documented layout (docs/DATA.md), named here and in PreparedData only."""
+    out = prepared.out_dir
+    data = PreparedData(out)
+    names = {
+        data.manifest_path: "manifest.json", data.report_md: "report.md", data.report_json: "report.json",
+        data.spm_model("en"): "spm.en.model", data.spm_vocab("fr"): "spm.fr.vocab",
+        index_path(data.train_prefix("en")): "train.en.shards.json", data.text("dev", "fr"): "dev.fr",
+        ids_path(data.source_ids_prefix("test")): "test.en.ids.npy", data.work_dir: "work",
+        ids_path(data.shard_prefix("train-00000", "en")): "shards/train-00000.en.ids.npy",
+    }
+    for path, name in names.items():
+        assert path == out / name and path.exists(), name
+    assert not data.default_cache_dir.exists()  # a mirror: nothing downloaded
+
+
+def test_prepared_data_checks_languages(prepared) -> None:
+    from distnmt.config import DataConfig
+
+    out = prepared.out_dir
+    loaded = PreparedData.load(out)
+    assert loaded.langs == ("en", "fr") and loaded.manifest == prepared.manifest
+    assert PreparedData.from_config(DataConfig(prepared_dir=str(out))).check().langs == ("en", "fr")
+    wrong = PreparedData.from_config(DataConfig(prepared_dir=str(out), src_lang="fr", tgt_lang="en"))
+    with pytest.raises(DataError, match=rf"^{out}/manifest.json: prepared for en->fr, not fr->en"):
+        wrong.check()
 
 
 def test_load_manifest_errors(prepared, tmp_path: Path) -> None:
@@ -87,7 +118,7 @@ def test_load_manifest_errors(prepared, tmp_path: Path) -> None:
         load_manifest(tmp_path)
     # manifest from one prepare, sentencepiece models from another
     (tmp_path / "manifest.json").write_text(json.dumps(prepared.manifest), encoding="utf-8")
-    (tmp_path / "spm.en.model").write_bytes(b"other")
+    PreparedData(tmp_path).spm_model("en").write_bytes(b"other")
     with pytest.raises(DataError, match=rf"^{tmp_path}/spm.en.model: sha256 .* does not match"):
         load_manifest(tmp_path)
 
@@ -109,10 +140,11 @@ def test_preset_from_the_shared_sample(shared_data: Path, tmp_path: Path) -> Non
     assert m["sources"]["train"]["europarl-v7"]["files"] == [
         str(shared_data / "train/by-corpus/europarl-v7.en.gz"), str(shared_data / "train/by-corpus/europarl-v7.fr.gz")]
     assert [s["name"] for s in m["shards"]] == [f"europarl-v7-0000{k}" for k in range(3)] + ["news-commentary-v9-00000"]
-    assert (tmp_path / "dev.fr").read_bytes() == (shared_data / "dev/newstest2013.fr").read_bytes()
-    assert (tmp_path / "test.en").read_bytes() == (shared_data / "test/newstest2014.en").read_bytes()
-    assert (tmp_path / "test.fr").read_bytes() == (shared_data / "test/newstest2014.fr").read_bytes()
-    assert len(TokenArray(tmp_path / "train.en")) == m["counts"]["train"]
+    data = PreparedData.load(tmp_path)
+    assert data.text("dev", "fr").read_bytes() == (shared_data / "dev/newstest2013.fr").read_bytes()
+    assert data.text("test", "en").read_bytes() == (shared_data / "test/newstest2014.en").read_bytes()
+    assert data.text("test", "fr").read_bytes() == (shared_data / "test/newstest2014.fr").read_bytes()
+    assert len(data.train_arrays()[0]) == m["counts"]["train"]
 
 
 def test_report_per_rule_per_part(small_mirror: Path, tmp_path: Path) -> None:
@@ -125,11 +157,12 @@ def test_report_per_rule_per_part(small_mirror: Path, tmp_path: Path) -> None:
     assert all(report["total"][r] > 0 for r in ("max_words", "ratio", "too_long", "duplicate"))
     assert report["europarl-v7"]["duplicate"] > 0  # Europarl boilerplate repeats
     assert m["dropped"] == {r: report["total"][r] for r in DROPPING_RULES}
-    assert json.loads((tmp_path / "report.json").read_text()) == report
-    table = (tmp_path / "report.md").read_text()
+    data = PreparedData.load(tmp_path)
+    assert json.loads(data.report_json.read_text()) == report
+    table = data.report_md.read_text()
     assert "| giga-fren | 800 |" in table and "**total**" in table
     # dedupe means no pair of the prepared data repeats
-    src, tgt = TokenArray(tmp_path / "train.en"), TokenArray(tmp_path / "train.fr")
+    src, tgt = data.train_arrays()
     pairs = {(tuple(src[i]), tuple(tgt[i])) for i in range(len(src))}
     assert len(pairs) == len(src)
 
@@ -144,9 +177,10 @@ def test_same_bytes_for_any_number_of_workers(small_mirror: Path, tmp_path: Path
 
 def test_joint_vocabulary(small_mirror: Path, tmp_path: Path) -> None:
     m = _prepare_small(small_mirror, tmp_path, joint_vocab=True, vocab_size=400).manifest
-    assert (tmp_path / "spm.en.model").read_bytes() == (tmp_path / "spm.fr.model").read_bytes()
+    data = PreparedData.load(tmp_path)
+    assert data.spm_model("en").read_bytes() == data.spm_model("fr").read_bytes()
     assert m["spm_sha256"]["en"] == m["spm_sha256"]["fr"] and m["joint_vocab"]
-    tok = Tokenizer(tmp_path / "spm.fr.model")
+    tok = data.tokenizer("fr")
     assert tok.vocab_size == 400
     for text in ("Resumption of the session", "Reprise de la session"):  # one model for both languages
         assert tok.decode(tok.encode(text)) == text
@@ -168,21 +202,22 @@ def test_spm_trains_on_a_bounded_sample(small_mirror: Path, tmp_path: Path) -> N
 def test_rerun_reuses_finished_work(small_mirror: Path, tmp_path: Path) -> None:
     first = _prepare_small(small_mirror, tmp_path, shard_size=400).manifest
     clean, shards = _mtimes(tmp_path / "work/clean", "*.en"), _mtimes(tmp_path / "shards", "*")
-    model = (tmp_path / "spm.en.model").stat().st_mtime_ns
+    data = PreparedData(tmp_path)
+    model = data.spm_model("en").stat().st_mtime_ns
 
     again = _prepare_small(small_mirror, tmp_path, shard_size=400, workers=2).manifest
     assert again["shards"] == first["shards"] and again["spm_sha256"] == first["spm_sha256"]
     assert _mtimes(tmp_path / "shards", "*") == shards and _mtimes(tmp_path / "work/clean", "*.en") == clean
-    assert (tmp_path / "spm.en.model").stat().st_mtime_ns == model
+    assert data.spm_model("en").stat().st_mtime_ns == model
 
     # a subword limit only changes the encode stage: cleaning and sentencepiece are reused
     shorter = _prepare_small(small_mirror, tmp_path, shard_size=400, max_len=20).manifest
-    assert _mtimes(tmp_path / "work/clean", "*.en") == clean and (tmp_path / "spm.en.model").stat().st_mtime_ns == model
+    assert _mtimes(tmp_path / "work/clean", "*.en") == clean and data.spm_model("en").stat().st_mtime_ns == model
     assert shorter["counts"]["train"] < first["counts"]["train"] and load_manifest(tmp_path)["max_len"] == 20
-    assert max(TokenArray(tmp_path / "train.fr").lengths) <= 20
+    assert max(data.train_arrays()[1].lengths) <= 20
     # another vocabulary size retrains sentencepiece but keeps the cleaned text
     _prepare_small(small_mirror, tmp_path, shard_size=400, vocab_size=350)
-    assert _mtimes(tmp_path / "work/clean", "*.en") == clean and Tokenizer(tmp_path / "spm.en.model").vocab_size == 350
+    assert _mtimes(tmp_path / "work/clean", "*.en") == clean and data.tokenizer("en").vocab_size == 350
 
 
 def test_failed_run_leaves_nothing_taken_as_done(small_mirror: Path, tmp_path: Path) -> None:
@@ -283,7 +318,7 @@ def test_cli_prepare_with_a_mirror(small_mirror: Path, tmp_path: Path, capsys: p
                  "--set", "data.max_ratio=2.5"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert f"[prepare] report: {out / 'report.md'}" in printed
+    assert f"[prepare] report: {PreparedData(out).report_md}" in printed
     manifest = load_manifest(out)
     assert manifest["config"]["preset"] == "sample" and manifest["config"]["rules"]["max_ratio"] == 2.5
     assert manifest["config"]["rules"]["dedupe"] and min(manifest["counts"]["dev"], manifest["counts"]["test"]) > 100

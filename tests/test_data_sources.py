@@ -19,7 +19,7 @@ import torch
 from parallel_text import en_de_archives, pairs  # tests/parallel_text.py
 
 from distnmt.config import load_config
-from distnmt.data import REGISTRY, BucketBatchSampler, DataError, TokenArray, Tokenizer, collate, prepare
+from distnmt.data import REGISTRY, BucketBatchSampler, DataError, PreparedData, collate, prepare
 from distnmt.data import download as download_module
 from distnmt.data.download import download, part_path
 from distnmt.data.fetch import Fetcher, extract_members, verify_archive
@@ -129,10 +129,12 @@ def reference(small_mirror_master: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def _same_output(a: Path, b: Path) -> None:
-    for path in sorted((a / "shards").iterdir()):
-        assert path.read_bytes() == (b / "shards" / path.name).read_bytes(), path.name
-    for name in ("spm.en.model", "spm.fr.model", "dev.en", "dev.fr", "test.en", "test.fr", "report.md"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    one, two = PreparedData(a), PreparedData(b)
+    for path in sorted(one.shard_dir.iterdir()):
+        assert path.read_bytes() == (two.shard_dir / path.name).read_bytes(), path.name
+    for pick in (lambda d: d.spm_model("en"), lambda d: d.spm_model("fr"), lambda d: d.report_md,
+                 *(lambda d, s=split, lang=lang: d.text(s, lang) for split in ("dev", "test") for lang in ("en", "fr"))):
+        assert pick(one).read_bytes() == pick(two).read_bytes(), pick(one).name
 
 
 def test_mirror_of_archives_gives_the_same_data(small_mirror_master: Path, reference, tmp_path: Path) -> None:
@@ -339,12 +341,12 @@ def train_a_few_steps(prepared: Path, src: str, tgt: str, steps: int = 3) -> lis
     """Train the tiny model ``steps`` optimizer steps in this process on ``prepared`` (src->tgt);
     returns the loss per target token of each step."""
     cfg = load_config(None, [*TINY_MODEL, f"data.src_lang={src}", f"data.tgt_lang={tgt}"])
-    src_ids, tgt_ids = TokenArray(prepared / f"train.{src}"), TokenArray(prepared / f"train.{tgt}")
+    data = PreparedData(prepared, src, tgt).check()  # the manifest says src -> tgt
+    src_ids, tgt_ids = data.train_arrays()
     sampler = BucketBatchSampler(src_ids.lengths, tgt_ids.lengths, cfg.data.max_tokens, seed=1)
     sampler.set_epoch(0)
     torch.manual_seed(0)
-    model = build_model(cfg.model, Tokenizer(prepared / f"spm.{src}.model").vocab_size,
-                        Tokenizer(prepared / f"spm.{tgt}.model").vocab_size)
+    model = build_model(cfg.model, data.vocab_sizes["src"], data.vocab_sizes["tgt"])
     engine = build_engine(cfg, model, torch.device("cpu"))
     losses = []
     for indices in itertools.islice(iter(sampler), steps):

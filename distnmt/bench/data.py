@@ -148,6 +148,8 @@ class _TreeRss:
 
 def run_prepare(mirror: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Prepare ``mirror`` into ``out`` in a child process; returns its figures."""
+    from distnmt.data.prepared import PreparedData
+
     spec = {
         "mirror": str(mirror), "out": str(out), "preset": "sample", "dev_sets": ["newstest2013"],
         "test_set": "newstest2014", "vocab_size": args.vocab_size, "max_len": 50, "workers": args.workers,
@@ -168,7 +170,7 @@ def run_prepare(mirror: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     largest = usage.ru_maxrss  # KiB on Linux: the largest process
     cpu = usage.ru_utime + usage.ru_stime - cpu_before  # prepare and all its workers
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = PreparedData.load(out).manifest
     read, timings = manifest["counts"]["train_read"], manifest["timings"]
     return {
         "pairs_read": read,
@@ -205,14 +207,14 @@ def measure_loader(prepared: Path, max_tokens: int, seconds: float, max_batches:
     """Sampler + collate from the memory-mapped shards, on one core and one thread."""
     import torch
 
-    from distnmt.data import BucketBatchSampler, TokenArray, collate
+    from distnmt.data import BucketBatchSampler, PreparedData, collate
 
     old_mask = _one_core()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        src, tgt = TokenArray(prepared / "train.en"), TokenArray(prepared / "train.fr")
+        src, tgt = PreparedData.load(prepared).train_arrays()
         sampler = BucketBatchSampler(src.lengths, tgt.lengths, max_tokens, seed=1)
         n_batches = len(sampler)  # builds the epoch's batch list
         setup = time.perf_counter() - t0
@@ -268,16 +270,16 @@ def measure_padding(prepared: Path, max_tokens: int, copies: int = 1) -> dict[st
     matches that a real corpus of that size would not have. The figures on one copy
     (the sample's distinct pairs) are the honest lower bound.
     """
-    from distnmt.data import BucketBatchSampler, TokenArray
+    from distnmt.data import BucketBatchSampler, PreparedData
 
-    src, tgt = TokenArray(prepared / "train.en").lengths, TokenArray(prepared / "train.fr").lengths
+    data = PreparedData.load(prepared)
+    src, tgt = (array.lengths for array in data.train_arrays())
     subsets = {"corpus": (src, tgt)}
     if copies > 1:
         # The rules depend on content only, so each copy of a part keeps the same pairs,
         # and the first kept/copies pairs of each part are one copy of it.
-        manifest = json.loads((prepared / "manifest.json").read_text())
         keep, start = [], 0
-        for part, row in manifest["report"].items():
+        for part, row in data.manifest["report"].items():
             if part == "total":
                 continue
             keep.append(np.arange(start, start + row["kept"] // copies))
@@ -302,7 +304,7 @@ def measure_step(prepared: Path, config: Path, tiny: bool, steps: int) -> dict[s
     import torch.nn.functional as F
 
     from distnmt.config import load_config
-    from distnmt.data import PAD_ID, BucketBatchSampler, TokenArray, Tokenizer, collate
+    from distnmt.data import PAD_ID, BucketBatchSampler, PreparedData, collate
     from distnmt.model.build import build_model
 
     cfg = load_config(config)
@@ -314,10 +316,11 @@ def measure_step(prepared: Path, config: Path, tiny: bool, steps: int) -> dict[s
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        vocab = {lang: Tokenizer(prepared / f"spm.{lang}.model").vocab_size for lang in ("en", "fr")}
-        model = build_model(model_cfg, vocab["en"], vocab["fr"], pad_id=PAD_ID)
+        data = PreparedData.load(prepared)
+        vocab = data.vocab_sizes
+        model = build_model(model_cfg, vocab["src"], vocab["tgt"], pad_id=PAD_ID)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        src, tgt = TokenArray(prepared / "train.en"), TokenArray(prepared / "train.fr")
+        src, tgt = data.train_arrays()
         sampler = BucketBatchSampler(src.lengths, tgt.lengths, cfg.data.max_tokens, seed=2,
                                      pool_batches=cfg.data.pool_batches)
         bf16 = cfg.train.precision == "bf16"

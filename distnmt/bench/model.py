@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from distnmt.config import Config, ModelConfig, load_config
-from distnmt.data import BOS_ID, EOS_ID, PAD_ID, BucketBatchSampler, TokenArray, Tokenizer, prepare
+from distnmt.data import BOS_ID, EOS_ID, PAD_ID, BucketBatchSampler, PreparedData, prepare
 from distnmt.model.build import build_model
 from distnmt.model.rnnsearch import RNNSearch
 from distnmt.model.search import beam_search, greedy_search
@@ -118,21 +118,21 @@ def _load_data(prepared: Path, cfg: Config, n_batches: int, n_sentences: int, ma
     """The first ``n_batches`` length-bucketed training batches (fixed seed) and dev sources."""
     from distnmt.data import collate  # lazy in distnmt.data
 
-    src_lang, tgt_lang = cfg.data.src_lang, cfg.data.tgt_lang
-    src, tgt = TokenArray(prepared / f"train.{src_lang}"), TokenArray(prepared / f"train.{tgt_lang}")
+    data = PreparedData(prepared, cfg.data.src_lang, cfg.data.tgt_lang)
+    src, tgt = data.train_arrays()
     sampler = BucketBatchSampler(src.lengths, tgt.lengths, max_tokens, seed=0, pool_batches=cfg.data.pool_batches)
     batches = []
     for indices in sampler:
         if len(batches) == n_batches:
             break
         batches.append(collate(src, tgt, indices))
-    dev = TokenArray(prepared / f"dev.{src_lang}")
+    dev = data.source_ids("dev")
     # Sources are cut as the translator cuts them; empty lines get EOS only, as there.
     sources = [dev[i][: cfg.eval.max_src_len].tolist() for i in range(min(n_sentences, len(dev)))]
     return BenchData(
         prepared=prepared,
-        src_vocab=Tokenizer(prepared / f"spm.{src_lang}.model").vocab_size,
-        tgt_vocab=Tokenizer(prepared / f"spm.{tgt_lang}.model").vocab_size,
+        src_vocab=data.vocab_sizes["src"],
+        tgt_vocab=data.vocab_sizes["tgt"],
         batches=batches,
         dev_sources=sources,
     )

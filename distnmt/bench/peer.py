@@ -133,18 +133,18 @@ def write_peer_data(cfg: Config, out: Path, dev_sentences: Optional[int], test_s
     """Write the prepared training pairs back to text (decoded with their own sentencepiece
     models, so JoeyNMT re-encodes the very pairs distnmt trains on), the dev and test
     subsets, and JoeyNMT vocabulary files listing our sentencepiece pieces in id order."""
+    from distnmt.data.prepared import PreparedData
     from distnmt.data.shards import TokenArray
-    from distnmt.data.tokenizer import Tokenizer
 
-    prepared, (s, t) = Path(cfg.data.prepared_dir), (cfg.data.src_lang, cfg.data.tgt_lang)
+    prepared, (s, t) = PreparedData.from_config(cfg.data), (cfg.data.src_lang, cfg.data.tgt_lang)
     out.mkdir(parents=True, exist_ok=True)
     data = PeerData(out / "train", out / "dev", out / "test", out / f"vocab.{s}.txt", out / f"vocab.{t}.txt",
-                    prepared / f"spm.{s}.model", prepared / f"spm.{t}.model", 0)
+                    prepared.spm_model(s), prepared.spm_model(t), 0)
     for lang, vocab in ((s, data.src_vocab), (t, data.tgt_vocab)):
-        tok = Tokenizer(prepared / f"spm.{lang}.model")
+        tok = prepared.tokenizer(lang)
         # Specials (ids 0-3 in our models) are JoeyNMT's own; it adds them itself.
         vocab.write_text("".join(tok.id_to_piece(i) + "\n" for i in range(4, tok.vocab_size)), encoding="utf-8")
-        arr = TokenArray(prepared / f"train.{lang}")
+        arr = TokenArray(prepared.train_prefix(lang))
         data.train_pairs = len(arr)
         target = Path(f"{data.train}.{lang}")
         if not target.exists() or sum(1 for _ in open(target, encoding="utf-8")) != len(arr):
@@ -154,7 +154,7 @@ def write_peer_data(cfg: Config, out: Path, dev_sentences: Optional[int], test_s
             os.replace(f"{target}.tmp", target)
     for split, path, limit in (("dev", data.dev, dev_sentences), ("test", data.test, test_sentences)):
         for lang in (s, t):
-            lines = (prepared / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()
+            lines = prepared.text(split, lang).read_text(encoding="utf-8").splitlines()
             Path(f"{path}.{lang}").write_text("".join(x + "\n" for x in lines[:limit]), encoding="utf-8")
     return data
 
@@ -388,7 +388,7 @@ def distnmt_sets(name: str, overrides: list[str], minutes: float, checkpoint_eve
 def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minutes: float, out: Path,
                 data: PeerData, beam: int, targets: list[float], checkpoint_every: int) -> dict[str, Any]:
     """One distnmt run (``naive``: without bucketing) under the budget, and its figures."""
-    from distnmt.data.tokenizer import Tokenizer
+    from distnmt.data.prepared import PreparedData
     from distnmt.model.build import build_model
 
     runs = out / "runs"
@@ -414,9 +414,8 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
                     key=lambda r: r["step"])
     curve = [{"step": r["step"], "minutes": (r["reported_at"] - start) / 60, "bleu": r["bleu"]} for r in scored]
     best = max(scored, key=lambda r: r["bleu"])
-    prepared = Path(cfg.data.prepared_dir)
-    model = build_model(cfg.model, Tokenizer(prepared / f"spm.{cfg.data.src_lang}.model").vocab_size,
-                        Tokenizer(prepared / f"spm.{cfg.data.tgt_lang}.model").vocab_size)
+    vocab = PreparedData.from_config(cfg.data).vocab_sizes
+    model = build_model(cfg.model, vocab["src"], vocab["tgt"])
     rates = [x["tokens_per_s"] for x in metrics[1:]] or [x["tokens_per_s"] for x in metrics]
     return {
         "system": name, "version": _distnmt_version(), "workers": cfg.train.max_workers,
@@ -477,11 +476,10 @@ def run_joeynmt(python: Path, cfg: Config, minutes: float, out: Path, data: Peer
     hyps = Path(f"{hyp}.test").read_text(encoding="utf-8").splitlines()
     refs = Path(f"{data.test}.{cfg.data.tgt_lang}").read_text(encoding="utf-8").splitlines()
     rates = [x["tokens_per_s"] for x in log["train"][1:]] or [x["tokens_per_s"] for x in log["train"]]
-    from distnmt.data.shards import TokenArray
+    from distnmt.data.prepared import PreparedData
 
-    prepared = Path(cfg.data.prepared_dir)
-    src_len = TokenArray(prepared / f"train.{cfg.data.src_lang}").lengths
-    tgt_len = TokenArray(prepared / f"train.{cfg.data.tgt_lang}").lengths
+    src, tgt = PreparedData.from_config(cfg.data).train_arrays()
+    src_len, tgt_len = src.lengths, tgt.lengths
     return {
         "system": "joeynmt", "version": JOEYNMT_VERSION, "workers": 1, "bucketing": False,
         "step_token_budget": joeynmt_batch_size(cfg), "params": log["params"],

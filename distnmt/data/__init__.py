@@ -13,7 +13,8 @@ from typing import Any
 from distnmt.data.clean import CleanRules
 from distnmt.data.corpus import open_text, read_lines, read_parallel
 from distnmt.data.errors import DataError
-from distnmt.data.prepare import PrepareResult, load_manifest, prepare
+from distnmt.data.prepare import PrepareResult, prepare
+from distnmt.data.prepared import PreparedData, load_manifest
 from distnmt.data.sampler import BucketBatchSampler
 from distnmt.data.sgml import read_sgml, read_sgml_parallel, read_sgml_segments
 from distnmt.data.shards import TokenArray, TokenArrayWriter, write_token_array
@@ -24,7 +25,7 @@ _LAZY = {"Batch", "collate", "collate_sentences"}
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "REGISTRY",
-    "Batch", "BucketBatchSampler", "CleanRules", "DataError", "PrepareResult", "TokenArray", "TokenArrayWriter",
+    "Batch", "BucketBatchSampler", "CleanRules", "DataError", "PrepareResult", "PreparedData", "TokenArray", "TokenArrayWriter",
     "Tokenizer", "collate", "collate_sentences", "load_manifest", "open_text", "prepare", "read_lines",
     "read_parallel", "read_sgml", "read_sgml_parallel", "read_sgml_segments", "train_sentencepiece",
     "write_token_array",

@@ -21,17 +21,9 @@ Stages, each skipped when its stamp shows it was done before with the same input
    means "done", and it is deleted first thing, so a failed run is never taken as
    a finished one.
 
-Output layout of ``out_dir``::
-
-    manifest.json                    sizes, vocab hashes, source checksums, exact config
-    report.json, report.md           pairs read, kept and dropped per rule, per part
-    spm.{src,tgt}.model / .vocab     sentencepiece (the same file twice with a joint vocab)
-    train.{src,tgt}.shards.json      shard lists: TokenArray(out_dir / "train.en") opens them
-    shards/{part}-{k}.{lang}.{ids,offsets}.npy   encoded training pairs, one block each
-    dev.{src,tgt}, test.{src,tgt}    raw text, unchanged
-    dev.{src}.*.npy, test.{src}.*.npy  encoded sources
-    work/                            intermediate text and stamps, reused by re-runs;
-                                     safe to delete once prepared (re-runs then redo it)
+The output layout of ``out_dir`` is :class:`distnmt.data.prepared.PreparedData`'s
+(its one owner); ``work/`` holds intermediate text and stamps, reused by re-runs and
+safe to delete once prepared (re-runs then redo that work).
 """
 
 from __future__ import annotations
@@ -55,8 +47,10 @@ from distnmt.data.clean import DROPPING_RULES, MODIFYING_RULES, CleanRules
 from distnmt.data.corpus import read_lines
 from distnmt.data.errors import DataError
 from distnmt.data.fetch import Fetcher, file_sha256
+from distnmt.data.prepared import MANIFEST_VERSION, PreparedData, Split, load_manifest
 from distnmt.data.sgml import read_sgml_parallel
 from distnmt.data.shards import TokenArrayWriter, ids_path, offsets_path, write_shard_index
+from distnmt.io import atomic_open, write_text
 from distnmt.config import CorpusFiles
 from distnmt.data import custom
 from distnmt.data.sources import REGISTRY, Registry, registry_for
@@ -67,11 +61,9 @@ from distnmt.data.stages import (
 from distnmt.data.stream import SourceDigest, iter_parallel_blocks
 from distnmt.data.tokenizer import Tokenizer
 
-MANIFEST_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 _ENCODE_CHUNK = 10_000  # lines per encode_batch call for dev/test
 _DEDUPE_BUCKET = 1 << 22  # hashes sorted at once: about 130 MB of arrays per bucket
-_REQUIRED_KEYS = ("version", "src_lang", "tgt_lang", "vocab_size", "max_len", "counts", "dropped", "spm_sha256", "shards")
+__all__ = ["PrepareResult", "format_report", "load_manifest", "prepare"]
 
 
 @dataclass
@@ -101,14 +93,17 @@ class _Shard:
 class _Run:
     """What every stage needs to know."""
 
-    out_dir: Path
-    work: Path
+    prepared: PreparedData
     langs: tuple[str, str]
     rules: CleanRules
     workers: int
     progress: bool
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def work(self) -> Path:
+        return self.prepared.work_dir
 
     def say(self, text: str) -> None:
         if self.progress:
@@ -144,9 +139,7 @@ class _SourceCache:
 
     def put(self, file: Path, sha256: str) -> None:
         self._data[str(file.resolve())] = {"stat": self._stat(file), "sha256": sha256}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self._data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(self._data, indent=1, sort_keys=True))
 
 
 def _train_file(source_dir: Path, prefix: str, lang: str) -> Path:
@@ -308,11 +301,8 @@ def _find_duplicates(clean_dir: Path, dedupe_dir: Path, shards: list[_Shard]) ->
         lo, hi = np.searchsorted(dups, [starts[i], starts[i + 1]])
         local = dups[lo:hi] - starts[i]
         counts[s.name] = int(len(local))
-        path = dedupe_dir / f"{s.name}.npy"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(dedupe_dir / f"{s.name}.npy", "wb") as f:
             np.save(f, local)
-        os.replace(tmp, path)
     return counts
 
 
@@ -361,7 +351,7 @@ def _spm_stage(
     """Train sentencepiece on the sample (or reuse the models the stamp vouches for)."""
     src_lang, tgt_lang = run.langs
     key = make_key("spm", sample_key, vocab_size, model_type, joint, run.langs, run.seed)
-    models = {lang: run.out_dir / f"spm.{lang}.model" for lang in run.langs}
+    models = {lang: run.prepared.spm_model(lang) for lang in run.langs}
     stamp = read_stamp(run.work / "spm.json", key)
     if stamp is not None and all(m.is_file() for m in models.values()):
         tokenizers = {lang: Tokenizer(path) for lang, path in models.items()}
@@ -371,7 +361,7 @@ def _spm_stage(
         run.say(f"training one joint sentencepiece {model_type} model for '{src_lang}'+'{tgt_lang}' (vocab {vocab_size})")
     else:
         run.say(f"training sentencepiece {model_type} models for '{src_lang}' and '{tgt_lang}' (vocab {vocab_size})")
-    task = SpmTask(str(run.work / "sample"), [s.name for s in shards], run.langs, str(run.out_dir), str(run.work),
+    task = SpmTask(str(run.work / "sample"), [s.name for s in shards], run.langs, run.prepared, str(run.work),
                    vocab_size, model_type, joint, run.seed)
     # In a child process: the trainer holds the whole sample, and memory it frees
     # is not handed back to the OS; kept in this process, every encode worker
@@ -386,7 +376,7 @@ def _spm_stage(
 
 
 def _encode_stage(run: _Run, shards: list[_Shard], tokenizers: dict[str, Tokenizer], max_len: int, dedupe_key: str) -> None:
-    shard_dir, stamp_dir = run.out_dir / "shards", run.work / "encode"
+    shard_dir, stamp_dir = run.prepared.shard_dir, run.work / "encode"
     shard_dir.mkdir(parents=True, exist_ok=True)
     spm = {lang: tok.sha256 for lang, tok in tokenizers.items()}
     bar = run.bar("encode", sum(s.kept for s in shards), " pairs")
@@ -394,7 +384,7 @@ def _encode_stage(run: _Run, shards: list[_Shard], tokenizers: dict[str, Tokeniz
         for s in shards:
             key = make_key("encode", s.key, dedupe_key if s.drop else "", spm, max_len, run.langs)
             done = read_stamp(stamp_dir / f"{s.name}.json", key)
-            if done is not None and all(ids_path(shard_dir / f"{s.name}.{lang}").is_file() for lang in run.langs):
+            if done is not None and all(ids_path(run.prepared.shard_prefix(s.name, lang)).is_file() for lang in run.langs):
                 s.encoded = done
                 bar.update(s.kept)
                 continue
@@ -403,7 +393,7 @@ def _encode_stage(run: _Run, shards: list[_Shard], tokenizers: dict[str, Tokeniz
                 s.encoded = result
                 bar.update(s.kept)
 
-            task = EncodeTask(s.name, key, str(run.work / "clean"), str(shard_dir), str(stamp_dir), run.langs,
+            task = EncodeTask(s.name, key, str(run.work / "clean"), run.prepared, str(stamp_dir), run.langs,
                               str(s.drop) if s.drop else None, max_len)
             pool.submit(encode_shard, task, finished)
     bar.close()
@@ -418,15 +408,10 @@ def _read_eval_pair(src: Path, ref: Path) -> tuple[list[str], list[str]]:
 
 
 def _write_text_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line)
-            f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
-def _write_eval_split(run: _Run, name: str, files: Sequence[tuple[Path, Path]], src_tok: Tokenizer) -> int:
+def _write_eval_split(run: _Run, name: Split, files: Sequence[tuple[Path, Path]], src_tok: Tokenizer) -> int:
     """Raw text of both sides (unchanged) plus the encoded source; returns the segment count."""
     src_lang, tgt_lang = run.langs
     src_lines: list[str] = []
@@ -435,9 +420,9 @@ def _write_eval_split(run: _Run, name: str, files: Sequence[tuple[Path, Path]], 
         s, t = _read_eval_pair(src, ref)
         src_lines += s
         tgt_lines += t
-    _write_text_atomic(run.out_dir / f"{name}.{src_lang}", src_lines)
-    _write_text_atomic(run.out_dir / f"{name}.{tgt_lang}", tgt_lines)
-    with TokenArrayWriter(run.out_dir / f"{name}.{src_lang}") as writer:
+    _write_text_atomic(run.prepared.text(name, src_lang), src_lines)
+    _write_text_atomic(run.prepared.text(name, tgt_lang), tgt_lines)
+    with TokenArrayWriter(run.prepared.source_ids_prefix(name)) as writer:
         for start in range(0, len(src_lines), _ENCODE_CHUNK):
             writer.append_many(src_tok.encode_batch(src_lines[start:start + _ENCODE_CHUNK]))
         return writer.close()
@@ -481,9 +466,8 @@ def format_report(report: dict[str, dict[str, int]]) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # Not io.write_json: its keys are sorted, and the report's parts are in corpus order.
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _prune(folder: Path, keep: set[str]) -> None:
@@ -572,7 +556,7 @@ def prepare(
     eval_items = [registry.eval_set(n) for n in (dev_sets or [])] + ([registry.eval_set(test_set)] if test_set else [])
     if mirror is None and not registry_mode and own is None:
         raise DataError("data.source_dir is null (download), which needs data.preset or data.parts")
-    fetcher = Fetcher(mirror, Path(cache_dir) if cache_dir is not None else out_dir / "cache", registry,
+    fetcher = Fetcher(mirror, Path(cache_dir) if cache_dir is not None else PreparedData(out_dir).default_cache_dir, registry,
                       src_lang, tgt_lang, verify=verify_checksums, progress=progress)
     t0 = time.monotonic()
     located = fetcher.fetch([*part_list, *eval_items]) if (part_list or eval_items) else {}
@@ -603,9 +587,10 @@ def prepare(
         test_files = [(_existing(mirror / test_src), _existing(mirror / test_ref))]
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    prepared = PreparedData(out_dir, src_lang, tgt_lang)
     # An old manifest would vouch for files this run is about to replace.
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    run = _Run(out_dir, out_dir / "work", langs, rules, workers or default_workers(), progress, seed)
+    prepared.manifest_path.unlink(missing_ok=True)
+    run = _Run(prepared, langs, rules, workers or default_workers(), progress, seed)
     run.work.mkdir(parents=True, exist_ok=True)
     if own is not None:  # a TSV becomes the two files the stages read
         custom.materialize(own, run.work, langs)
@@ -647,12 +632,13 @@ def prepare(
         raise DataError.at(
             train_parts[0][1], None, f"no training pairs left after filtering {total['read']} (max_len={max_len})"
         )
-    shard_dir = out_dir / "shards"
+    shard_dir = prepared.shard_dir
     for lang in langs:
-        for stale in (ids_path(out_dir / f"train.{lang}"), offsets_path(out_dir / f"train.{lang}")):
+        train = prepared.train_prefix(lang)
+        for stale in (ids_path(train), offsets_path(train)):
             stale.unlink(missing_ok=True)  # an older single-array layout would shadow the index
-        write_shard_index(out_dir / f"train.{lang}", [
-            (shard_dir / f"{s.name}.{lang}", s.encoded["kept"], s.encoded["tokens"][lang]) for s in shards
+        write_shard_index(train, [
+            (prepared.shard_prefix(s.name, lang), s.encoded["kept"], s.encoded["tokens"][lang]) for s in shards
         ])
     names = {s.name for s in shards}
     for folder in (shard_dir, run.work / "clean", run.work / "sample", run.work / "encode", run.work / "dedupe"):
@@ -675,8 +661,8 @@ def prepare(
         **({"corpora": [c.describe() for c in own.corpora], "dev": own.dev.describe(), "test": own.test.describe()}
            if own is not None else {}),
     }
-    _write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(format_report(report), encoding="utf-8")
+    _write_json(prepared.report_json, report)
+    write_text(prepared.report_md, format_report(report))
     manifest = {
         "version": MANIFEST_VERSION,
         "src_lang": src_lang,
@@ -713,7 +699,7 @@ def prepare(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - started, 2),
     }
-    _write_json(out_dir / MANIFEST_NAME, manifest)
+    _write_json(prepared.manifest_path, manifest)
     if progress:
         tqdm.write(format_report(report), file=sys.stderr)
         tqdm.write(
@@ -723,40 +709,3 @@ def prepare(
         )
     return PrepareResult(out_dir=out_dir, manifest=manifest)
 
-
-def load_manifest(out_dir: Path) -> dict[str, Any]:
-    """Read and check ``out_dir/manifest.json``; DataError naming the file when absent or invalid.
-
-    Also checks that the sentencepiece models on disk are the ones the manifest
-    recorded, so training never pairs token arrays with a different vocabulary.
-    """
-    out_dir = Path(out_dir)
-    path = out_dir / MANIFEST_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError.at(path, None, "missing; run `distnmt prepare` first") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError.at(path, exc.lineno, f"invalid JSON ({exc.msg}); re-run `distnmt prepare`") from None
-    if not isinstance(manifest, dict):
-        raise DataError.at(path, None, "expected a JSON object")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise DataError.at(
-            path, None, f"version {manifest.get('version')!r} is not supported (expected {MANIFEST_VERSION}); "
-            "re-run `distnmt prepare`"
-        )
-    for key in _REQUIRED_KEYS:
-        if key not in manifest:
-            raise DataError.at(path, None, f"missing key {key!r}; re-run `distnmt prepare`")
-    for lang in (manifest["src_lang"], manifest["tgt_lang"]):
-        model = out_dir / f"spm.{lang}.model"
-        expected = manifest["spm_sha256"].get(lang)
-        try:
-            actual = hashlib.sha256(model.read_bytes()).hexdigest()
-        except FileNotFoundError:
-            raise DataError.at(model, None, "missing; re-run `distnmt prepare`") from None
-        if actual != expected:
-            raise DataError.at(model, None, f"sha256 {actual[:12]}… does not match {path} ({str(expected)[:12]}…)")
-    return manifest

@@ -15,7 +15,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -26,9 +25,11 @@ from typing import Any, Optional
 import numpy as np
 
 from distnmt.data.clean import CleanRules, clean_block, pair_hashes
+from distnmt.data.prepared import PreparedData
 from distnmt.data.shards import TokenArrayWriter
 from distnmt.data.stream import decode_block
 from distnmt.data.tokenizer import Tokenizer, train_sentencepiece
+from distnmt.io import write_bytes
 
 # ---------------------------------------------------------------------------- keys and stamps
 
@@ -166,7 +167,7 @@ class EncodeTask:
     name: str
     key: str
     clean_dir: str
-    out_dir: str
+    prepared: PreparedData  # where the shard's token arrays go
     stamp_dir: str
     langs: tuple[str, str]
     drop: Optional[str]
@@ -206,11 +207,10 @@ def encode_shard(task: EncodeTask) -> dict[str, Any]:
     # sentencepiece a good part of its work, the costliest step of prepare.
     short = [i for i, (s, t) in enumerate(zip(src, tgt)) if len(s.split()) <= task.max_len >= len(t.split())]
     counts["too_long"] = len(src) - len(short)
-    out = Path(task.out_dir)
     kept = 0
     tokens = {src_lang: 0, tgt_lang: 0}
-    with TokenArrayWriter(out / f"{task.name}.{src_lang}") as src_out, \
-            TokenArrayWriter(out / f"{task.name}.{tgt_lang}") as tgt_out:
+    with TokenArrayWriter(task.prepared.shard_prefix(task.name, src_lang)) as src_out, \
+            TokenArrayWriter(task.prepared.shard_prefix(task.name, tgt_lang)) as tgt_out:
         for start in range(0, len(short), _ENCODE_CHUNK):
             chunk = short[start:start + _ENCODE_CHUNK]
             src_ids = _TOKENIZERS[src_lang].encode_batch([src[i] for i in chunk])
@@ -242,7 +242,7 @@ class SpmTask:
     sample_dir: str
     shards: list[str]
     langs: tuple[str, str]
-    out_dir: str
+    prepared: PreparedData  # where the models go
     work: str
     vocab_size: int
     model_type: str
@@ -251,8 +251,8 @@ class SpmTask:
 
 
 def train_models(task: SpmTask) -> None:
-    """Train ``spm.{lang}.model`` (one joint model copied under both names, or one per language)."""
-    sample_dir, out, work = Path(task.sample_dir), Path(task.out_dir), Path(task.work)
+    """Train each language's sentencepiece model (one joint model copied under both names, or one per language)."""
+    sample_dir, work = Path(task.sample_dir), Path(task.work)
 
     def lines(*langs: str) -> Iterator[str]:
         for lang in langs:
@@ -265,13 +265,11 @@ def train_models(task: SpmTask) -> None:
     if task.joint:
         model = train_sentencepiece(lines(*task.langs), work / "spm.joint", **common)
         for lang in task.langs:
-            for ext in (".model", ".vocab"):
-                tmp = out / f"spm.{lang}{ext}.tmp"
-                shutil.copyfile(model.with_suffix(ext), tmp)
-                os.replace(tmp, out / f"spm.{lang}{ext}")
+            for built, dest in ((model, task.prepared.spm_model(lang)), (model.with_suffix(".vocab"), task.prepared.spm_vocab(lang))):
+                write_bytes(dest, built.read_bytes())
     else:
         for lang in task.langs:
-            train_sentencepiece(lines(lang), out / f"spm.{lang}", **common)
+            train_sentencepiece(lines(lang), task.prepared.spm_prefix(lang), **common)
 
 
 # ---------------------------------------------------------------------------- the pool

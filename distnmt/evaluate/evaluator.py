@@ -44,9 +44,8 @@ import torch
 
 from distnmt.checkpoint import read_meta
 from distnmt.config import Config, config_from_dict
-from distnmt.data.corpus import read_lines
 from distnmt.data.custom import own_split_name
-from distnmt.data.prepare import load_manifest
+from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.policy import EarlyStopping, Record, best_record, should_skip
 from distnmt.evaluate.hook import score_with_evaluator  # noqa: F401  (the driver imports it from here)
 from distnmt.evaluate.records import RecordStore, write_text_atomic
@@ -88,8 +87,8 @@ class Evaluator:
         # One thread by default: the evaluator shares the machine with the trainers.
         torch.set_num_threads(self.cfg.eval.threads)
         self.device = "cuda" if self.cfg.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.prepared = Path(prepared_dir)
-        self.manifest = load_manifest(self.prepared)
+        self.prepared = PreparedData(Path(prepared_dir), self.cfg.data.src_lang, self.cfg.data.tgt_lang)
+        self.manifest = self.prepared.manifest
         self.run_dir = Path(run_dir)
         self.split = self.cfg.eval.split
         self._splits: dict[str, SplitData] = {}
@@ -118,9 +117,7 @@ class Evaluator:
     def _load_split(self, split: str) -> SplitData:
         """The split's raw text (first ``eval.max_sentences`` lines), loaded once."""
         if split not in self._splits:
-            src_lang, tgt_lang = self.cfg.data.src_lang, self.cfg.data.tgt_lang
-            sources = read_lines(self.prepared / f"{split}.{src_lang}")
-            references = read_lines(self.prepared / f"{split}.{tgt_lang}")
+            sources, references = self.prepared.eval_text(split)
             limit = self.cfg.eval.max_sentences
             if limit is not None:
                 sources, references = sources[:limit], references[:limit]

@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from distnmt.checkpoint import check_same_model, check_vocab, newest_valid_checkpoint, read_meta
 from distnmt.config import Config, ConfigError
-from distnmt.data.prepare import load_manifest
+from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.evaluator import Evaluator
 from distnmt.evaluate.hook import score_with_evaluator
 from distnmt.train.engine import deepspeed_config, zero_stage
@@ -138,7 +138,7 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
 def run_training(cfg: Config) -> list[dict[str, Any]]:
     """Train, have every checkpoint scored, print the final BLEU line; return the scores."""
     cfg = resolve_paths(cfg)
-    manifest = load_manifest(Path(cfg.data.prepared_dir))  # fail here, clearly, if `prepare` was not run
+    manifest = PreparedData.from_config(cfg.data).manifest  # fail here, clearly, if `prepare` was not run
     check_elastic(cfg)
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     preflight(cfg, run_dir, manifest)

@@ -40,10 +40,9 @@ from distnmt.checkpoint import (
 )
 from distnmt.config import Config, config_from_dict
 from distnmt.data.batch import collate
-from distnmt.data.prepare import load_manifest
+from distnmt.data.prepared import PreparedData
 from distnmt.data.sampler import BucketBatchSampler
-from distnmt.data.shards import TokenArray
-from distnmt.data.tokenizer import PAD_ID, Tokenizer
+from distnmt.data.tokenizer import PAD_ID
 from distnmt.evaluate.translator import SRC_SPM, TGT_SPM
 from distnmt.model.build import build_model
 from distnmt.train.engine import DEEPSPEED_SUBDIR, DEEPSPEED_TAG, Engine, StepStats, build_engine, zero_stage
@@ -133,20 +132,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.train.threads_per_worker)
     device = ray.train.torch.get_device()
 
-    prepared = Path(cfg.data.prepared_dir)
-    manifest = load_manifest(prepared)
-    src_lang, tgt_lang = cfg.data.src_lang, cfg.data.tgt_lang
-    src = TokenArray(prepared / f"train.{src_lang}")
-    tgt = TokenArray(prepared / f"train.{tgt_lang}")
+    prepared = PreparedData.from_config(cfg.data)
+    manifest = prepared.manifest
+    src, tgt = prepared.train_arrays()
     sampler = BucketBatchSampler(
         src.lengths, tgt.lengths, cfg.data.max_tokens, num_replicas=world, rank=rank,
         seed=cfg.train.seed, pool_batches=cfg.data.pool_batches, max_sentences=cfg.data.max_sentences,
         bucketing=cfg.data.bucketing,
     )
-    vocab_size = {
-        "src": Tokenizer(prepared / f"spm.{src_lang}.model").vocab_size,
-        "tgt": Tokenizer(prepared / f"spm.{tgt_lang}.model").vocab_size,
-    }
+    vocab_size = prepared.vocab_sizes
 
     saved_cfg = cfg  # what checkpoints record: the run's config, not this world size's
     cfg = _at_world_size(cfg, world)
@@ -378,7 +372,7 @@ def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSamp
     with tempfile.TemporaryDirectory(prefix="distnmt-ckpt-") as tmp:
         directory = Path(tmp) / name
         if rank == 0:
-            prepared = Path(cfg.data.prepared_dir)
+            prepared = PreparedData.from_config(cfg.data)
             state = engine.state_for_checkpoint() | {"sampler": sampler.state_dict(), "step": step, "epoch": epoch}
             save_checkpoint(
                 directory, state, step=step, config=cfg.to_dict(),
@@ -389,8 +383,8 @@ def _checkpoint_and_report(cfg: Config, engine: Engine, sampler: BucketBatchSamp
                     "required": [rank_manifest_name(r) for r in range(world)],
                 },
                 extra_files={
-                    SRC_SPM: prepared / f"spm.{cfg.data.src_lang}.model",
-                    TGT_SPM: prepared / f"spm.{cfg.data.tgt_lang}.model",
+                    SRC_SPM: prepared.spm_model(cfg.data.src_lang),
+                    TGT_SPM: prepared.spm_model(cfg.data.tgt_lang),
                 },
             )
         engine.save_sharded(directory)
