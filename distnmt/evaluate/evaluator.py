@@ -53,8 +53,9 @@ from distnmt.evaluate.scoring import score_corpus
 from distnmt.evaluate.translator import translator_from_checkpoint
 from distnmt.evaluate.wandb_log import EvalLogger
 
-# Decoding settings a score depends on: a record is reused only when all match.
-DECODE_KEYS = ("beam_size", "alpha", "max_len_a", "max_len_b")
+# Decoding settings a score depends on (and the BLEU tokenizer, issue 17): a record is
+# reused only when all match.
+DECODE_KEYS = ("beam_size", "alpha", "max_len_a", "max_len_b", "bleu_tokenize")
 # Attention examples (Figure 3): the first dev sentences of a readable length.
 EXAMPLE_WORDS = (10, 25)
 # Seconds to wait before each decode. A test seam, not a setting: the tiny models of
