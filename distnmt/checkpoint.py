@@ -1,11 +1,24 @@
 """The one checkpoint format: written by train/, read by evaluate/ and translate.
 
-A checkpoint is a directory::
+This module is the only one that names checkpoint files (tests/test_imports.py
+holds every other module to that). A run directory holds::
+
+    checkpoint_<step:08d>/   one checkpoint (see below); listed by step
+    .checkpoint_*            a writer's temporary directory: never a checkpoint;
+                             one a killed writer left is cleared at the next start
+    nonfinite.json           why training stopped on a non-finite loss
+
+and a checkpoint is a directory::
 
     state.pt    torch.save of plain state dicts (model, optimizer, ...), loaded
                 with weights_only=True so a checkpoint can never run code
     meta.json   format name and version, config, step, vocabulary hashes and the
                 sha256 of state.pt, so truncation or corruption is detected
+    spm.src.model, spm.tgt.model   the sentencepiece models (a checkpoint alone
+                translates)
+    rng/rank<r>.pt     every rank's RNG states (CPU, accelerator, numpy, Python)
+    deepspeed/state/   DeepSpeed's own checkpoint (ZeRO partitions), DeepSpeed runs only
+    ranks/rank<r>.json each rank's checksums of the files it added
 
 Both files are written into a temporary directory beside the target and the
 directory is renamed into place, so a reader never sees half a checkpoint.
@@ -19,7 +32,6 @@ short at any file fails :func:`verify_checkpoint` and is skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,11 +43,26 @@ from typing import Any, Optional
 
 import torch
 
+from distnmt.io import sha256_file, write_json
+
 FORMAT = "distnmt-checkpoint"
 VERSION = 1
+PREFIX = "checkpoint_"  # checkpoint_<step:08d>
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 RANKS_DIR = "ranks"
+RNG_DIR = "rng"
+SRC_SPM = "spm.src.model"  # the source-side sentencepiece model, copied in
+TGT_SPM = "spm.tgt.model"
+DEEPSPEED_SUBDIR = "deepspeed"  # DeepSpeed's save_checkpoint(<checkpoint>/deepspeed, tag=DEEPSPEED_TAG)
+DEEPSPEED_TAG = "state"
+NONFINITE_FILE = "nonfinite.json"  # in the run directory when training stopped on a non-finite loss
+# meta.json keys beyond the format's own (format, version, step, config, vocab_sha256, files):
+META_REQUIRED = "required"        # rank manifests that must be present (written by other ranks)
+META_WORLD_SIZE = "world_size"    # ranks that wrote the checkpoint (elastic resume re-shards)
+META_EPOCH = "epoch"
+META_VOCAB_SIZE = "vocab_size"
+META_WANDB_ID = "wandb_run_id"    # a resumed run logs to the same W&B run
 # Model keys that do not shape the weights: a run may resume with other values.
 MODEL_KEYS_FREE_ON_RESUME = ("dropout", "init", "compile")
 
@@ -44,15 +71,114 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path."""
 
 
-def checkpoint_step(path: Path) -> int:
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint of ``step``: zero-padded, so names sort by step."""
+    return f"{PREFIX}{step:08d}"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint directory's name (not a writer's hidden temporary)."""
+    return name.startswith(PREFIX) and name[len(PREFIX):].isdigit()
+
+
+def checkpoint_step(path: Path | str) -> int:
     """The step in a ``checkpoint_<step>`` directory name (-1 if it has none)."""
     digits = Path(path).name.rsplit("_", 1)[-1]
     return int(digits) if digits.isdigit() else -1
 
 
+def list_checkpoints(run_dir: Path, with_meta: bool = True) -> list[Path]:
+    """The ``checkpoint_*`` directories of ``run_dir`` by step, oldest first.
+
+    ``with_meta``: only those whose meta.json exists (Ray may still be copying the
+    others in); unverified either way: :func:`newest_valid_checkpoint` verifies.
+    """
+    found = [p for p in Path(run_dir).glob(f"{PREFIX}*") if p.is_dir() and is_checkpoint_name(p.name)]
+    if with_meta:
+        found = [p for p in found if (p / META_FILE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def meta_path(directory: Path | str) -> Path:
+    """A checkpoint's meta.json (its mtime is when the checkpoint was complete)."""
+    return Path(directory) / META_FILE
+
+
+def rng_path(directory: Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its RNG states in a checkpoint."""
+    return Path(directory) / RNG_DIR / f"rank{rank}.pt"
+
+
+def save_rng(directory: Path, rank: int, state: dict[str, Any]) -> None:
+    """Write this rank's RNG states (plain tensors, ints and lists: loadable with weights_only)."""
+    path = rng_path(directory, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def load_rng(directory: Path, rank: int) -> Optional[dict[str, Any]]:
+    """This rank's RNG states, or None when the checkpoint has none for it (it was
+    written by fewer ranks: an elastic group that grew)."""
+    path = rng_path(directory, rank)
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def spm_files(src_model: Path, tgt_model: Path) -> dict[str, Path]:
+    """The ``extra_files`` of :func:`save_checkpoint` that copy the sentencepiece models in."""
+    return {SRC_SPM: Path(src_model), TGT_SPM: Path(tgt_model)}
+
+
+def spm_paths(directory: Path) -> tuple[Path, Path]:
+    """A checkpoint's (source, target) sentencepiece models."""
+    return Path(directory) / SRC_SPM, Path(directory) / TGT_SPM
+
+
+def deepspeed_dir(directory: Path) -> Path:
+    """The folder DeepSpeed's own checkpoint goes into (load and save with tag DEEPSPEED_TAG)."""
+    return Path(directory) / DEEPSPEED_SUBDIR
+
+
+def nonfinite_path(run_dir: Path) -> Path:
+    """The file that says why training stopped on a non-finite loss (the driver reads it)."""
+    return Path(run_dir) / NONFINITE_FILE
+
+
+def write_nonfinite(run_dir: Path, step: int, message: str) -> None:
+    write_json(nonfinite_path(run_dir), {"step": step, "message": message})
+
+
+def saved_world_size(directory: Path) -> Optional[int]:
+    """The number of ranks that wrote a checkpoint (meta.json), or None if it does not say."""
+    try:
+        meta = json.loads(meta_path(directory).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return int(meta[META_WORLD_SIZE]) if META_WORLD_SIZE in meta else None
+
+
+def staging_dir(run_dir: Path, name: str) -> Path:
+    """A hidden directory to assemble checkpoint ``name`` in before it is renamed into place."""
+    return Path(run_dir) / f".{name}.staging"
+
+
+def clear_stale_temporaries(run_dir: Path) -> list[str]:
+    """Remove every hidden ``.checkpoint_*`` directory a killed writer left in ``run_dir``.
+
+    Called once when training starts, before any writer of this run can be at work
+    (the writers are this run's ranks): whatever is there was cut short. Returns
+    the names removed.
+    """
+    removed = []
+    for path in Path(run_dir).glob(f".*{PREFIX}*"):  # staging dirs and save_checkpoint's temporaries
+        if path.is_dir() and path.name.lstrip(".").startswith(PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return sorted(removed)
+
+
 def newest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
     """The highest-step ``checkpoint_*`` in ``run_dir`` that verifies; broken ones are skipped with a warning."""
-    candidates = sorted((p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()), key=checkpoint_step, reverse=True)
+    candidates = list(reversed(list_checkpoints(run_dir, with_meta=False)))
     for path in candidates:
         try:
             verify_checkpoint(path)
@@ -73,15 +199,6 @@ class LoadedCheckpoint:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(
@@ -117,7 +234,7 @@ def save_checkpoint(
             "files": {name: sha256_file(tmp / name) for name in files},
             **(extra_meta or {}),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+        write_json(tmp / META_FILE, meta)
         if directory.exists():
             if any(directory.iterdir()):
                 raise CheckpointError(f"{directory}: refusing to overwrite a non-empty directory")
@@ -187,8 +304,7 @@ def write_rank_manifest(directory: Path, rank: int) -> str:
         if path.is_file() and name not in covered and not name.startswith(f"{RANKS_DIR}/"):
             files[name] = sha256_file(path)
     name = rank_manifest_name(rank)
-    (directory / RANKS_DIR).mkdir(exist_ok=True)
-    (directory / name).write_text(json.dumps({"rank": rank, "files": files}, indent=1, sort_keys=True), encoding="utf-8")
+    write_json(directory / name, {"rank": rank, "files": files})
     return name
 
 

@@ -1,8 +1,9 @@
-"""``distnmt prepare | train | evaluate | translate``.
+"""``distnmt prepare | train | evaluate | translate | bench | cluster``.
 
-Every command takes ``--config FILE`` and any number of ``--set key=value``
-overrides. User mistakes (config, data, checkpoints) end in one line on stderr
-and exit status 2, never in a traceback.
+prepare, train and evaluate take ``--config FILE`` and any number of ``--set
+key=value`` overrides; translate reads its settings from the checkpoint, bench and
+cluster have options of their own (``--help``). User mistakes (config, data,
+checkpoints) end in one line on stderr and exit status 2, never in a traceback.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         overrides.append(f"data.source_dir={args.mirror}")
     cfg = load_config(args.config, overrides)
     d = cfg.data
+    if args.synthetic is not None:  # [] for a bare --synthetic: the defaults
+        _write_synthetic(cfg, args.synthetic)
     # Range checks of the data keys only prepare reads (config.validate covers the shared ones).
     for key, value, nullable in (("shard_size", d.shard_size, False), ("spm_sample_pairs", d.spm_sample_pairs, False),
                                  ("workers", d.workers, True), ("max_words", d.max_words, True),
@@ -76,9 +79,41 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_synthetic(cfg: Config, settings: list[str]) -> None:
+    """``prepare --synthetic``: write the synthetic task's plain-text corpus into data.source_dir.
+
+    The config must read it where it is written (data.train_prefix etc., as in
+    configs/claim.yaml); prepare then runs on it as on any corpus.
+    """
+    from distnmt.data.synthetic import SyntheticTask, write_corpus
+
+    fields: dict[str, int] = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key not in ("words", "min_words", "max_words", "group", "train_pairs", "dev_pairs", "test_pairs", "seed",
+                       "log_lengths") \
+                or not value.strip().isdigit():
+            raise ConfigError(f"--synthetic {item!r}: expected KEY=INTEGER with KEY one of words, min_words, max_words, "
+                              "group, train_pairs, dev_pairs, test_pairs, seed, log_lengths")
+        fields[key] = int(value)
+    d = cfg.data
+    if d.source_dir is None or d.preset is not None or d.parts is not None or d.dev_sets or d.test_set:
+        raise ConfigError("--synthetic: needs data.source_dir (where to write) and no data.preset, parts, dev_sets "
+                          "or test_set (see configs/claim.yaml)")
+    try:
+        task = SyntheticTask(**fields, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+    except ValueError as err:
+        raise ConfigError(f"--synthetic: {err}") from None
+    written = write_corpus(task, Path(d.source_dir))
+    for key, rel in written.items():
+        if getattr(d, key) != str(rel):
+            raise ConfigError(f"data.{key}: {getattr(d, key)!r} but --synthetic writes {str(rel)!r}")
+    print(f"[prepare] synthetic corpus in {d.source_dir}: {task}", flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with Ray (local cluster unless an address is given); the evaluator scores checkpoints."""
-    from distnmt.train.driver import TrainingError, run_training
+    from distnmt.orchestrate import TrainingError, run_training
 
     overrides = list(args.overrides)
     if args.address:
@@ -110,15 +145,17 @@ def _eval_overrides(args: argparse.Namespace, cfg: Config) -> EvalConfig:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score one checkpoint, or the average of the last N, on dev or test without Ray Train."""
-    import os
+    """Score one checkpoint, or the average of the last N, on dev or test: no Ray, no evaluator actor."""
     import shutil
+
+    import torch
 
     from distnmt.checkpoint import check_vocab, read_meta
     from distnmt.config import _apply_override, config_from_dict, parse_override
     from distnmt.data.prepared import PreparedData
     from distnmt.evaluate.average import average_checkpoints, last_checkpoints
-    from distnmt.evaluate.evaluator import Evaluator
+    from distnmt.evaluate.records import RecordStore
+    from distnmt.evaluate.score import decode_settings, evaluate_checkpoint, load_split
 
     checkpoint = Path(args.checkpoint)
     if args.config:
@@ -133,7 +170,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     prepared = args.prepared or Path(cfg.data.prepared_dir)
     # The checkpoint decodes with its own sentencepiece models, but data prepared with
     # another vocabulary means another preparation than the one it was trained for.
-    check_vocab(read_meta(checkpoint), PreparedData(Path(prepared), cfg.data.src_lang, cfg.data.tgt_lang).spm_sha256, checkpoint)
+    prepared_data = PreparedData(Path(prepared), cfg.data.src_lang, cfg.data.tgt_lang)
+    check_vocab(read_meta(checkpoint), prepared_data.spm_sha256, checkpoint)
     out = args.out or checkpoint.parent
     if args.average < 1:
         raise ConfigError(f"--average {args.average}: must be at least 1 (1 = no averaging)")
@@ -143,18 +181,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shutil.rmtree(averaged, ignore_errors=True)  # the same inputs give the same average: rewrite it
         checkpoint = average_checkpoints(paths, averaged)
         print(f"[evaluate] averaged {' '.join(p.name for p in paths)} into {checkpoint}", flush=True)
-    evaluator = Evaluator(cfg.to_dict(), str(prepared), str(out))
-    record = evaluator.score(str(checkpoint))
+    torch.set_num_threads(cfg.eval.threads)
+    device = "cuda" if cfg.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    split = load_split(prepared_data, cfg, cfg.eval.split)
+    store = RecordStore(Path(out) / "eval")
     # A checkpoint already scored with these settings is not decoded again.
-    reused = " (persisted score reused)" if record.get("evaluator_pid") != os.getpid() else ""
+    record = store.find(split.name, checkpoint.name, decode_settings(cfg.eval, len(split.sources)))
+    reused = " (persisted score reused)" if record is not None else ""
+    if record is None:
+        record = evaluate_checkpoint(checkpoint, checkpoint.name, split, cfg.eval, store, "evaluate", device).record
+    cpu = "" if record.decode_cpu_seconds is None else f"; {record.decode_cpu_seconds:.1f} s of CPU"
     print(
-        f"[evaluate] {record['sentences']} sentences, beam {record['beam_size']}: decoded in "
-        f"{record['decode_seconds']:.1f} s ({record['sentences_per_s']:.1f} sentences/s; "
-        f"{record.get('decode_cpu_seconds', float('nan')):.1f} s of CPU, {cfg.eval.threads} thread(s)){reused}; "
-        f"hypotheses in {Path(out) / 'eval' / record['hyp_file']}"
+        f"[evaluate] {record.sentences} sentences, beam {record.beam_size}: decoded in "
+        f"{record.decode_seconds:.1f} s ({record.sentences_per_s:.1f} sentences/s{cpu}, {cfg.eval.threads} "
+        f"thread(s)){reused}; hypotheses in {Path(out) / 'eval' / record.hyp_file}"
     )
-    print(f"{record['test_set']} {record['checkpoint']}: {record['bleu_line']}")
-    print(f"chrF2|{record['chrf_signature']} = {record['chrf']:.2f}")
+    print(f"{record.test_set} {record.checkpoint}: {record.bleu_line}")
+    print(f"chrF2|{record.chrf_signature} = {record.chrf:.2f}")
+    if record.xent is not None:
+        print(f"cross-entropy per target subword (teacher-forced, {record.xent_tokens} subwords incl. EOS) = "
+              f"{record.xent:.4f} nats")
     return 0
 
 
@@ -180,7 +226,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 # distnmt/bench/<name>.py ("-" -> "_"), each with main(argv) -> int; "all" runs the others in turn.
-BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "all")
+BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "claim", "all")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -202,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local directory holding the WMT'14 archives or their extracted files "
                         "(sets data.source_dir; with data.source_dir null, prepare downloads)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or report table")
+    p.add_argument("--synthetic", nargs="*", metavar="KEY=N",
+                   help="first write the synthetic task of distnmt/data/synthetic.py into data.source_dir "
+                        "(e.g. --synthetic max_words=70 group=3; bare: its defaults); see configs/claim.yaml")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train on Ray (DDP workers + evaluator actor)", description=cmd_train.__doc__)
@@ -232,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of that benchmark (try: distnmt bench data --help)")
     p.set_defaults(func=cmd_bench)
+
+    from distnmt import cluster
+
+    cluster.add_parser(sub)
     return parser
 
 
@@ -242,8 +295,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return func(args)
     except USER_ERRORS as err:
+        _end_progress_bars()
         print(f"distnmt {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open, so that the error starts a line of
+    its own instead of continuing the bar's (``clean: 0 pairs [...]distnmt prepare: error``)."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

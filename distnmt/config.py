@@ -152,6 +152,15 @@ class TrainConfig:
     # Wall-clock budget of training in minutes (null: none): when it is spent the loop
     # checkpoints and stops, as at max_steps (time-to-BLEU benchmarks).
     max_minutes: Optional[float] = None
+    # Sentences per optimizer update over all workers (the paper's minibatch: 80), or
+    # null for token-budget batches (data.max_tokens per worker). Set, it is kept at
+    # any number of workers: see batch_budget().
+    batch_sentences: Optional[int] = None
+    # What the summed token loss is divided by: "token" (target tokens of the update:
+    # a per-token mean) or "sentence" (sentences of the update: the per-sentence sum of
+    # the authors' GroundHog / dl4mt code, the scale the paper's clipping threshold 1
+    # and Adadelta eps 1e-6 were tuned at).
+    loss_norm: Literal["token", "sentence"] = "token"
 
     @property
     def elastic(self) -> bool:
@@ -159,12 +168,18 @@ class TrainConfig:
         return isinstance(self.workers, list) and self.workers[0] != self.workers[1]
 
     @property
+    def local_mode(self) -> bool:
+        """``workers: 0``: Ray Train's local mode, one rank in the calling process."""
+        return self.workers == 0
+
+    @property
     def min_workers(self) -> int:
-        return self.workers[0] if isinstance(self.workers, list) else self.workers
+        """Fewest ranks (1 in local mode: it is one rank, only not a Ray worker)."""
+        return self.workers[0] if isinstance(self.workers, list) else max(self.workers, 1)
 
     @property
     def max_workers(self) -> int:
-        return self.workers[1] if isinstance(self.workers, list) else self.workers
+        return self.workers[1] if isinstance(self.workers, list) else max(self.workers, 1)
 
     def accumulate_at(self, world: int) -> int:
         """Micro-batches per rank per step at ``world`` ranks.
@@ -212,6 +227,9 @@ class LoggingConfig:
     log_every: int = 10
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "distnmt"
+    # warning: Ray's informational lines go to <run dir>/logs/ray-<time>.log only;
+    # info: to the console too (Ray's own default), for debugging Ray itself.
+    ray: Literal["warning", "info"] = "warning"
 
 
 @dataclass
@@ -413,7 +431,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: tuple[str, .
 def validate(cfg: Config, where: _Where = _Where()) -> None:
     """Checks that span values (ranges, combinations); raises ConfigError."""
     checks: list[tuple[bool, str, str]] = [
-        (_workers_ok(cfg.train.workers), "train.workers", "must be a number of workers >= 1, or [min, max] with 1 <= min <= max"),
+        (_workers_ok(cfg.train.workers), "train.workers", "must be a number of workers >= 1, 0 (Ray Train's local mode: one process, no cluster), or [min, max] with 1 <= min <= max"),
         (cfg.train.elastic_resize_interval_s >= 0, "train.elastic_resize_interval_s", "must be >= 0"),
         (cfg.train.preemption_check_every >= 1, "train.preemption_check_every", "must be at least 1"),
         (cfg.train.threads_per_worker >= 1, "train.threads_per_worker", "must be at least 1"),
@@ -437,6 +455,12 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]"),
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)"),
         (cfg.train.accumulate >= 1, "train.accumulate", "must be at least 1"),
+        (cfg.train.batch_sentences is None or cfg.train.batch_sentences >= 1, "train.batch_sentences", "must be at least 1 or null"),
+        (cfg.train.batch_sentences is None or cfg.data.max_sentences is None, "data.max_sentences",
+         "must be null when train.batch_sentences is set (the per-worker batch is derived from it)"),
+        (cfg.train.batch_sentences is None or cfg.train.batch_sentences % (cfg.train.accumulate * cfg.train.max_workers) == 0,
+         "train.batch_sentences", f"must be a multiple of train.accumulate x the most workers = "
+         f"{cfg.train.accumulate * cfg.train.max_workers}, so that every micro-batch holds the same number of sentences"),
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1"),
         (cfg.train.backend != "deepspeed" or cfg.train.deepspeed_config is not None, "train.deepspeed_config",
          "must name a DeepSpeed JSON (e.g. configs/deepspeed/zero1.json) when train.backend is deepspeed"),
@@ -515,9 +539,48 @@ def _check_bleu_tokenize(name: str, where: _Where) -> None:
                               f"pip install '{extra}'")
 
 
+@dataclass(frozen=True)
+class BatchBudget:
+    """How the sampler cuts micro-batches: what BucketBatchSampler takes from the config."""
+
+    max_tokens: int
+    max_sentences: Optional[int]
+    pool_batches: int
+
+
+def batch_budget(cfg: Config) -> BatchBudget:
+    """The micro-batch budget of a run; independent of the world size it runs at.
+
+    Without ``train.batch_sentences``: ``data.max_tokens`` / ``data.max_sentences`` /
+    ``data.pool_batches`` as configured. With it (the paper's 80 sentences per update):
+    a micro-batch holds ``m = batch_sentences / (accumulate x max_workers)`` sentences,
+    the token budget ``m x (max_len + 1)`` never binds (every pair fits), and a pool
+    holds ``pool_batches`` *updates'* worth of pairs (the paper sorts 20 minibatches of
+    80). At ``world`` ranks an update takes ``accumulate_at(world)`` micro-batches per
+    rank, ``m x accumulate_at(world) x world = batch_sentences`` whenever ``world``
+    divides ``accumulate x max_workers`` (always for a fixed group). The cut not
+    depending on ``world`` is what lets an elastic run resume its epoch on another
+    number of workers with exactly the same batches.
+    """
+    d, t = cfg.data, cfg.train
+    if t.batch_sentences is None:
+        return BatchBudget(d.max_tokens, d.max_sentences, d.pool_batches)
+    micro = t.accumulate * t.max_workers
+    per = t.batch_sentences // micro
+    return BatchBudget(max_tokens=per * (d.max_len + 1), max_sentences=per, pool_batches=d.pool_batches * micro)
+
+
+def update_sentences(cfg: Config, world: int) -> Optional[int]:
+    """Sentences one optimizer update trains on at ``world`` ranks (None: token budgets)."""
+    budget = batch_budget(cfg)
+    if cfg.train.batch_sentences is None or budget.max_sentences is None:
+        return None
+    return budget.max_sentences * cfg.train.accumulate_at(world) * world
+
+
 def _workers_ok(workers: Union[int, list[int]]) -> bool:
     if isinstance(workers, int):
-        return workers >= 1
+        return workers >= 0
     return len(workers) == 2 and 1 <= workers[0] <= workers[1]
 
 

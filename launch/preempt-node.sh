@@ -30,7 +30,7 @@ done
 [[ $grace =~ ^[0-9]+$ ]] || die "--grace: '$grace' is not a whole number of seconds"
 if [ -z "$address" ]; then
   if [ -n "${RAY_ADDRESS:-}" ]; then address=$RAY_ADDRESS
-  elif local_cluster_running; then use_local_cluster; address=$RAY_ADDRESS
+  elif exports=$(distnmt_cluster env 2>/dev/null); then eval "$exports"; address=$RAY_ADDRESS
   fi
 fi
 where=()

@@ -4,7 +4,9 @@ by the evaluator's own writer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -19,15 +21,17 @@ from distnmt.bench.peer import (
     joeynmt_config,
     joeynmt_logging_freq,
     joeynmt_padding_efficiency,
+    joeynmt_xent,
     markdown,
     minutes_to_targets,
+    minutes_to_xent,
     parse_joeynmt_log,
     ratios,
     step_token_budget,
     tree_rss_mib,
 )
 from distnmt.config import ConfigError, load_config
-from distnmt.evaluate.records import RecordStore
+from distnmt.evaluate.records import RecordStore, ScoreRecord, SkipRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +114,11 @@ def test_parse_joeynmt_log_real_lines() -> None:
     assert log["start"] - time.mktime(time.strptime("2026-12-01 04:47:02", "%Y-%m-%d %H:%M:%S")) == pytest.approx(0.313)
     assert [(t["step"], t["tokens_per_s"]) for t in log["train"]] == [(2, 11896.0), (4, 10169.0)]
     assert [(e["step"], e["bleu"]) for e in log["evals"]] == [(4, 0.15), (8, 1.25)]
+    # Dev cross-entropy per target subword: log of the logged ppl (exp of summed NLL / target tokens
+    # incl. EOS), which agrees with the logged per-token loss to its two decimals.
+    assert [e["xent"] for e in log["evals"]] == [pytest.approx(math.log(788.36)), pytest.approx(math.log(743.39))]
+    assert [round(e["xent"], 2) for e in log["evals"]] == [6.67, 6.61]
+    assert joeynmt_xent({"bleu": "0.1"}) is None  # a log without ppl (compute_loss off): no figure
     # The scored state is that of validation's start: its duration is taken off the line's time.
     assert log["evals"][0]["time"] - log["start"] == pytest.approx(1.360 - 0.2078)
     # With its "Predicting" line, validation began there (decoding took a minute; scoring 0.003 s).
@@ -117,26 +126,34 @@ def test_parse_joeynmt_log_real_lines() -> None:
 
 
 def test_minutes_to_targets_and_ratios() -> None:
-    curve = [{"minutes": 1.0, "bleu": 0.05}, {"minutes": 2.0, "bleu": 0.3}, {"minutes": 3.0, "bleu": 0.2}]
+    curve = [{"minutes": 1.0, "bleu": 0.05, "xent": 7.0}, {"minutes": 2.0, "bleu": 0.3, "xent": 5.5},
+             {"minutes": 3.0, "bleu": 0.2, "xent": None}, {"minutes": 4.0, "bleu": 0.2, "xent": 4.9}]
     assert minutes_to_targets(curve, [0.1, 0.3, 1]) == {"0.1": 2.0, "0.3": 2.0, "1": None}
-    results = [{"system": "distnmt", "tokens_per_s": 3000, "test": {"bleu": 2.0}},
-               {"system": "joeynmt", "tokens_per_s": 1500, "test": {"bleu": 1.5}},
+    # Cross-entropy falls: the first point at or below each target.
+    assert minutes_to_xent(curve, [7, 5, 4]) == {"7": 1.0, "5": 4.0, "4": None}
+    results = [{"system": "distnmt", "tokens_per_s": 3000, "test": {"bleu": 2.0}, "last_dev_xent": 4.9},
+               {"system": "joeynmt", "tokens_per_s": 1500, "test": {"bleu": 1.5}, "last_dev_xent": 5.2},
                {"system": "naive", "error": "failed"}]
-    assert ratios(results) == {"tokens_per_s_vs_joeynmt": 2.0, "test_bleu_minus_joeynmt": 0.5}
+    assert ratios(results) == {"tokens_per_s_vs_joeynmt": 2.0, "test_bleu_minus_joeynmt": 0.5,
+                               "last_dev_xent_minus_joeynmt": -0.3}
 
 
 def test_markdown_has_one_row_per_system_and_the_signature() -> None:
     test = {"bleu": 1.234, "bleu_signature": "nrefs:1|tok:13a"}
     row = {"system": "distnmt", "tokens_per_s": 2500, "updates": 40, "params": 1234567, "padding_efficiency": 0.97,
-           "peak_rss_training_process_mib": 800, "peak_rss_tree_mib": 3000, "startup_s": 12.0,
+           "peak_rss_training_process_mib": 800, "peak_rss_tree_mib": 3000, "peak_pss_tree_mib": 1900,
+           "peak_uss_tree_mib": 1500, "startup_s": 12.0,
            "best_dev": {"bleu": 0.5}, "minutes_to_dev_bleu": {"0.1": 1.5, "1": None}, "test": test,
-           "dev_curve": [{"step": 80, "minutes": 1.5, "bleu": 0.5}]}
+           "last_dev_xent": 5.4321, "minutes_to_dev_xent": {"6": 0.5, "5": None},
+           "dev_curve": [{"step": 80, "minutes": 1.5, "bleu": 0.5, "xent": 5.4321}]}
     header = {"command": "distnmt bench peer --tiny", "ratios": {"tokens_per_s_vs_joeynmt": 1.7}}
-    page = markdown(header, [row, {"system": "joeynmt", "error": "skipped: no venv"}], [0.1, 1])
-    assert "| distnmt | 2500 | 40 | 1,234,567 | 0.970 | 800 | 3000 | 12.0 | 0.50 | 1.5 |  | 1.23 |" in page
+    page = markdown(header, [row, {"system": "joeynmt", "error": "skipped: no venv"}], [0.1, 1], [6, 5])
+    assert ("| distnmt | 2500 | 40 | 1,234,567 | 0.970 | 800 | 3000 | 1900 | 1500 | 12.0 | 0.50 | 1.5 |  | 5.432 | 0.5 |  "
+            "| 1.23 |") in page
+    assert "| min to dev xent 6 | min to dev xent 5 |" in page
     assert "| joeynmt | skipped: no venv |" in page
     assert "tokens_per_s_vs_joeynmt 1.7" in page and "nrefs:1|tok:13a" in page
-    assert "| distnmt | 80 | 1.50 | 0.50 |" in page
+    assert "| distnmt | 80 | 1.50 | 0.50 | 5.432 |" in page
 
 
 def test_tree_rss_counts_children() -> None:
@@ -155,23 +172,31 @@ def test_tree_rss_counts_children() -> None:
         child.wait()
 
 
-def _record(step: int, reported: float, started: float, scored: float, origin: str = "training") -> dict:
-    return {"checkpoint": f"checkpoint_{step:08d}", "step": step, "split": "dev", "bleu": step / 100,
-            "origin": origin, "reported_at": reported, "started_at": started, "scored_at": scored,
-            "decode_seconds": scored - started, "sentences": 30}
+def _record(step: int, reported: float, started: float, scored: float, origin: str = "training",
+            lag: float | None = None) -> ScoreRecord:
+    return ScoreRecord(checkpoint=f"checkpoint_{step:08d}", step=step, split="dev", test_set="newstest2013",
+                       bleu=step / 100, chrf=1.0, bleu_line="", bleu_signature="", chrf_signature="", sentences=30,
+                       origin=origin, reported_at=reported, started_at=started, scored_at=scored,
+                       decode_seconds=scored - started, lag_seconds=lag)
 
 
 def test_eval_lag_from_records_written_by_the_evaluator_store(tmp_path: Path) -> None:
     run = tmp_path / "run"
     store = RecordStore(run / "eval")  # the evaluator's own writer
-    store.add_score(_record(20, 100.0, 101.0, 105.0))
-    store.add_score(_record(40, 110.0, 112.0, 130.0))
-    store.add_score(_record(40, 110.0, 112.0, 130.0))  # a restarted evaluator re-reading: counted once
+    store.add_score(_record(20, 100.0, 101.0, 105.0, lag=5.0))
+    store.add_score(_record(40, 110.0, 112.0, 130.0, lag=20.0))
+    store.add_score(_record(40, 110.0, 112.0, 130.0, lag=20.0))  # a restarted evaluator re-reading: counted once
     store.add_score(_record(40, 110.0, 200.0, 210.0, origin="evaluate"))  # not a training score
-    store.add_skip({"checkpoint": "checkpoint_00000030", "step": 30, "split": "dev", "reported_at": 108.0})
+    store.add_score(_record(50, 120.0, 121.0, 125.0))  # no stored lag (unknown report time): left out
+    # Scored by `distnmt evaluate` before training reported it, then re-issued: the stored lag
+    # (report to re-issue) counts, not scored_at - reported_at (negative); it has no queue of its own.
+    store.add_score(dataclasses.replace(_record(60, 140.0, 90.0, 95.0, lag=3.0), reused_from="evaluate"))
+    store.add_skip(SkipRecord(checkpoint="checkpoint_00000030", step=30, split="dev", newer="checkpoint_00000040",
+                              reported_at=108.0))
     result = eval_lag.measure(run, tmp_path / "out")
-    assert [(r["step"], r["lag_s"], r["wait_s"]) for r in result["checkpoints"]] == [(20, 5.0, 1.0), (40, 20.0, 2.0)]
-    assert result["summary"] == {"checkpoints": 2, "mean_lag_s": 12.5, "median_lag_s": 12.5, "max_lag_s": 20.0,
+    assert [(r["step"], r["lag_s"], r["wait_s"]) for r in result["checkpoints"]] == [
+        (20, 5.0, 1.0), (40, 20.0, 2.0), (60, 3.0, None)]
+    assert result["summary"] == {"checkpoints": 3, "mean_lag_s": 9.33, "median_lag_s": 5.0, "max_lag_s": 20.0,
                                  "skipped": 1}
     assert json.loads((tmp_path / "out/eval_lag.json").read_text())["summary"]["max_lag_s"] == 20.0
     assert "| checkpoint_00000040 | 40 | 0.40 | 20.0 | 2.0 | 18.0 |" in (tmp_path / "out/eval_lag.md").read_text()
@@ -190,34 +215,6 @@ def test_bench_all_runs_every_benchmark_into_one_out(tmp_path: Path) -> None:
     peer = dict(steps)["peer"]
     assert peer[peer.index("--minutes") + 1] == "0.5" and "train.workers=1" in peer
     assert dict(steps)["eval-lag"][:2] == ["--run", str(tmp_path / "runs/distnmt")]
-
-
-def _agree(rank: int, init_file: str, results: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from distnmt.train.loop import _out_of_time
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        now = time.time()
-        # Rank 0's clock decides: past on rank 0 only -> both stop; past on rank 1 only -> neither.
-        first = _out_of_time(now - 1 if rank == 0 else now + 60, rank, torch.device("cpu"))
-        second = _out_of_time(now + 60 if rank == 0 else now - 1, rank, torch.device("cpu"))
-        Path(f"{results}.{rank}").write_text(json.dumps([first, second]))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_max_minutes_stop_is_decided_on_rank_0_and_shared(tmp_path: Path) -> None:
-    """train.max_minutes: every rank stops at the same step (a disagreement would hang DDP)."""
-    import torch.multiprocessing as mp
-
-    import distnmt.train.loop  # noqa: F401  (imported once here; the forked ranks inherit it)
-
-    mp.start_processes(_agree, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True,
-                       start_method="fork")
-    assert [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)] == [[True, False], [True, False]]
 
 
 def test_naive_differs_from_distnmt_in_bucketing_only(tmp_path: Path) -> None:

@@ -42,3 +42,19 @@ def test_train_without_prepared_data_says_what_to_do(tmp_path: Path, capsys: pyt
 def test_translate_rejects_a_non_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["translate", str(tmp_path)]) == 2
     assert "not a distnmt checkpoint" in capsys.readouterr().err
+
+
+def test_an_error_starts_its_own_line_after_an_open_progress_bar(capsys) -> None:
+    """A bar left open by the failing step (``clean: 0 pairs [00:00, ? pairs/s]``) is
+    ended before the one-line error, which then starts a line of its own."""
+    from tqdm import tqdm
+
+    from distnmt.cli import main
+
+    bar = tqdm(desc="clean", unit=" pairs")  # stderr, no total, never closed by its owner
+    bar.update(0)
+    assert main(["prepare", "--set", "data.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "clean: 0 pairs" in err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("distnmt prepare: error: ") and "no_such_key" in last, repr(err)

@@ -94,14 +94,15 @@ def test_override_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_impossible_values(tmp_path: Path) -> None:
-    assert "train.workers: 0 must be a number of workers >= 1, or [min, max]" in _error(tmp_path, "train:\n  workers: 0\n")
-    assert "train.workers: [2, 1] must be a number of workers >= 1, or [min, max]" in _error(tmp_path, "train:\n  workers: [2, 1]\n")
+    assert "train.workers: -1 must be a number of workers >= 1, 0 (Ray Train's local mode" in _error(tmp_path, "train:\n  workers: -1\n")
+    assert load_config(None, ["train.workers=0"]).train.local_mode  # one process, no cluster
+    assert "train.workers: [2, 1] must be a number of workers >= 1, 0 (" in _error(tmp_path, "train:\n  workers: [2, 1]\n")
     assert "train.workers: [1, 2, 4] must be" in _error(tmp_path, "train:\n  workers: [1, 2, 4]\n")
 
 
 def test_elastic_zero3_is_refused_up_front(tmp_path: Path) -> None:
     """ZeRO-1/2 state is re-sharded through a universal checkpoint; ZeRO-3's is not tested, so refused."""
-    from distnmt.train.driver import check_elastic
+    from distnmt.orchestrate import check_elastic
 
     zero3 = tmp_path / "zero3.json"
     zero3.write_text('{"zero_optimization": {"stage": 3}}')

@@ -1,10 +1,9 @@
-"""The launch/ scripts without a cluster: lint, helpers, and the errors a user meets
-before anything is started (the real runs are in tests/integration/test_job_submit.py
-and test_elastic.py)."""
+"""`distnmt cluster` and the launch/ scripts without a cluster: lint, helpers, and the
+errors a user meets before anything is started (the real runs are in
+tests/integration/test_job_submit.py and test_elastic.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,24 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
-
 import pytest
+
+from distnmt import cluster as localray
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
-
-
-def _localray() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("localray", LAUNCH / "localray.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-localray = _localray()
 
 
 def _tool(name: str) -> str:
@@ -91,9 +79,8 @@ def test_job_paths_absolute_for_a_local_head_required_for_a_remote_one(tmp_path:
     ok = localray.job_paths(config, ["--set", "data.prepared_dir=/mnt/p", "--set", "train.storage_path=/mnt/r"],
                             tmp_path, local=False)
     assert ok == []
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(localray.ClusterError, match="is relative; on a cluster"):
         localray.job_paths(config, relative, tmp_path, local=False)
-    assert err.value.code == 2
 
 
 def _spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -147,7 +134,7 @@ def test_submit_to_a_remote_cluster_rejects_relative_paths_before_submitting(tmp
                    "--set", "data.prepared_dir=/mnt/shared/prepared", "--set", "train.storage_path=runs"], tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        "[launch] error: train.storage_path='runs' is relative; on a cluster it must be on shared storage, "
+        "distnmt cluster: error: train.storage_path='runs' is relative; on a cluster it must be on shared storage, "
         "e.g. --set train.storage_path=/mnt/shared/...")
 
 
@@ -163,12 +150,22 @@ def test_stop_head_without_a_head_is_a_no_op(tmp_path: Path) -> None:
     assert out.returncode == 0 and "nothing to stop" in out.stderr
 
 
-def test_runtime_env_cli_writes_json_to_stdout() -> None:
-    out = subprocess.run([sys.executable, str(LAUNCH / "localray.py"), "runtime-env", "--working-dir", str(REPO),
-                          "--env", "DNT_X", "--set", "RAY_LOGGER_LEVEL=info"],
-                         env={**os.environ, "DNT_X": "secret"}, capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout)["env_vars"] == {"DNT_X": "secret", "RAY_LOGGER_LEVEL": "info"} | {
-        k: os.environ[k] for k in localray.DEFAULT_PASSTHROUGH if os.environ.get(k)}
+def test_cluster_env_without_a_head_is_one_line(tmp_path: Path) -> None:
+    out = _script([str(LAUNCH / "ray-env.sh")], tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"distnmt cluster: error: no local Ray head in {tmp_path / 'state'}; start one with `distnmt cluster start` "
+        "(launch/start-head.sh), or pass --address"]
+
+
+def test_launch_scripts_are_wrappers_of_distnmt_cluster() -> None:
+    """No logic of their own left in the cluster scripts: each runs one `distnmt cluster` action."""
+    for name, action in (("start-head.sh", "start"), ("add-node.sh", "add-node"), ("stop-head.sh", "stop"),
+                         ("submit.sh", "submit"), ("logs.sh", "logs"), ("stop-job.sh", "stop-job"),
+                         ("ray-env.sh", "env")):
+        code = [line for line in (LAUNCH / name).read_text().splitlines() if line and not line.startswith("#")]
+        assert code[-1] == f'exec "$PYTHON" -m distnmt.cli cluster {action} "$@"', name
+        assert len(code) == 3, name  # set -euo pipefail, source lib.sh, exec
 
 
 class _Metadata:

@@ -37,9 +37,10 @@ from distnmt.cli import main
 from distnmt.config import ConfigError, load_config
 from distnmt.data.prepare import load_manifest, prepare
 from distnmt.data.tokenizer import PAD_ID, Tokenizer
-from distnmt.evaluate.translator import SRC_SPM, TGT_SPM, translator_from_checkpoint
+from distnmt.checkpoint import SRC_SPM, TGT_SPM
+from distnmt.evaluate.translator import translator_from_checkpoint
 from distnmt.model.build import build_model
-from distnmt.train.driver import preflight
+from distnmt.orchestrate import preflight
 from distnmt.train.engine import DDPEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,7 +263,7 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(precision: str) -> No
 
 
 def test_nan_injection_spec() -> None:
-    from distnmt.train.loop import _nan_injected
+    from distnmt.train.faults import nan_injected as _nan_injected
 
     os.environ["DISTNMT_FAULT_NAN"] = "4,9-11,20-"
     try:
@@ -448,7 +449,7 @@ def test_an_unscored_checkpoint_is_reported_with_a_strict_json_bleu() -> None:
     """Ray keeps its checkpoint list as JSON that turns NaN into null; a rerun restoring
     it could then not rank the next checkpoint. The placeholder BLEU is finite, valid
     strict JSON, and below any real score."""
-    from distnmt.train.loop import UNSCORED_BLEU, _reported_metrics
+    from distnmt.train.trainer import UNSCORED_BLEU, reported_metrics as _reported_metrics
 
     metrics = _reported_metrics(30, 2)
     assert json.loads(json.dumps(metrics, allow_nan=False)) == {"step": 30, "epoch": 2, "bleu": UNSCORED_BLEU}

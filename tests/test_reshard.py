@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, mode: str, stage: int, run_dir: st
             if rank == 0:
                 (checkpoint / "meta.json").write_text(json.dumps({"world_size": world}))
         else:
-            universal = universal_for(checkpoint, "deepspeed", TAG, stage, world, Path(run_dir), rank,
+            universal = universal_for(checkpoint, stage, world, Path(run_dir), rank,
                                       say=lambda _: None)
             assert universal is not None and (universal / TAG).is_dir()
             engine, optimizer = _engine(stage, world, universal)
@@ -107,7 +107,7 @@ def test_same_world_size_and_stage_zero_need_no_conversion(tmp_path: Path) -> No
     checkpoint = tmp_path / "checkpoint_00000003"
     checkpoint.mkdir()
     (checkpoint / "meta.json").write_text(json.dumps({"world_size": 2}))
-    assert universal_for(checkpoint, "deepspeed", TAG, 1, 2, tmp_path, 0) is None
-    assert universal_for(checkpoint, "deepspeed", TAG, 0, 1, tmp_path, 0) is None
+    assert universal_for(checkpoint, 1, 2, tmp_path, 0) is None
+    assert universal_for(checkpoint, 0, 1, tmp_path, 0) is None
     with pytest.raises(RuntimeError, match="written by 2 ZeRO-3 rank.*resumed on 1.*ZeRO-1 and ZeRO-2 only"):
-        universal_for(checkpoint, "deepspeed", TAG, 3, 1, tmp_path, 0)
+        universal_for(checkpoint, 3, 1, tmp_path, 0)

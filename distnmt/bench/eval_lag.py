@@ -1,13 +1,17 @@
 """``distnmt bench eval-lag --run RUN_DIR``: how far the evaluator trails training.
 
-From a finished run's files only: the evaluator appends one line per scored
-checkpoint to ``<run>/eval/dev.jsonl`` (or ``test.jsonl`` when ``eval.split`` is
-test) with ``reported_at`` (the checkpoint's ``meta.json`` mtime: when training
-finished writing it), ``started_at`` (decoding began) and ``scored_at`` (the
-score was computed, just before the line was written). Per checkpoint:
+From a finished run's files only: the evaluator appends one
+:class:`~distnmt.evaluate.records.ScoreRecord` line per scored checkpoint to
+``<run>/eval/dev.jsonl`` (or ``test.jsonl`` when ``eval.split`` is test) with
+``reported_at`` (the checkpoint's ``meta.json`` mtime: when training finished
+writing it), ``started_at`` (decoding began) and ``lag_seconds``, which the
+evaluator stores in every path that hands a score to training. Per checkpoint:
 
-- lag = scored_at - reported_at: how long after the checkpoint its BLEU existed;
-- wait = started_at - reported_at: time queued behind earlier checkpoints;
+- lag = the stored ``lag_seconds``: how long after the report its BLEU reached
+  training (for a fresh score ``scored_at - reported_at``; for an earlier
+  ``distnmt evaluate`` score re-issued to training, until it was re-issued);
+- wait = started_at - reported_at: time queued behind earlier checkpoints
+  (blank for a re-issued score: it was decoded before the report);
 - decode = the decoding time the evaluator measured itself.
 
 Checkpoints the "newest" policy skipped (``<split>.skipped.jsonl``) are counted
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from distnmt.evaluate.records import read_jsonl
+from distnmt.evaluate.records import read_scores, read_skips
 
 
 def lag_rows(run_dir: Path, split: Optional[str] = None) -> tuple[str, list[dict[str, Any]], int]:
@@ -40,19 +44,19 @@ def lag_rows(run_dir: Path, split: Optional[str] = None) -> tuple[str, list[dict
     if split is None:
         split = "dev" if (eval_dir / "dev.jsonl").exists() else "test"
     rows: dict[str, dict[str, Any]] = {}
-    for record in read_jsonl(eval_dir / f"{split}.jsonl"):
-        # Only checkpoints that training reported have a report time; `distnmt evaluate`
-        # and the end-of-run test score are not part of the lag.
-        if record.get("origin", "training") != "training" or not record.get("reported_at"):
+    for record in read_scores(eval_dir / f"{split}.jsonl"):
+        # Only checkpoints that training reported have a lag; `distnmt evaluate` and the
+        # end-of-run test score are not part of it.
+        if record.origin != "training" or record.lag_seconds is None or record.reported_at is None:
             continue
-        reported, started, scored = record["reported_at"], record.get("started_at"), record["scored_at"]
-        rows.setdefault(record["checkpoint"], {
-            "checkpoint": record["checkpoint"], "step": int(record["step"]), "bleu": record["bleu"],
-            "reported_at": reported, "lag_s": round(scored - reported, 2),
-            "wait_s": round(started - reported, 2) if started is not None else None,
-            "decode_s": record.get("decode_seconds"), "sentences": record.get("sentences"),
+        fresh = record.reused_from is None and record.started_at is not None
+        rows.setdefault(record.checkpoint, {
+            "checkpoint": record.checkpoint, "step": record.step, "bleu": record.bleu,
+            "reported_at": record.reported_at, "lag_s": record.lag_seconds,
+            "wait_s": round(record.started_at - record.reported_at, 2) if fresh else None,
+            "decode_s": record.decode_seconds if fresh else None, "sentences": record.sentences,
         })
-    skipped = len(read_jsonl(eval_dir / f"{split}.skipped.jsonl"))
+    skipped = len(read_skips(eval_dir / f"{split}.skipped.jsonl"))
     return split, sorted(rows.values(), key=lambda r: r["step"]), skipped
 
 

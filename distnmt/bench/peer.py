@@ -13,6 +13,13 @@ on this machine:
   use; never a dependency of distnmt), its RNN model set to our sizes; it has no
   time limit, so it gets SIGINT (it then saves a checkpoint) at the deadline.
 
+Quality over time is dev BLEU and the dev cross-entropy per target subword
+(teacher-forced, EOS included, the same sentencepiece models and dev sentences):
+distnmt's evaluator stores it in every dev record (``xent``); JoeyNMT logs its
+validation perplexity per target token, EOS included, whose log is the same
+quantity (docs/BENCHMARKS.md says how comparable). The cross-entropy moves long
+before BLEU does, so short budgets still compare.
+
 After the budget, each system's checkpoint with the best dev BLEU translates
 newstest2014 (greedy unless ``--beam``) and is scored by the same sacreBLEU call
 (:func:`distnmt.evaluate.scoring.score_corpus`), so the signatures are equal.
@@ -251,8 +258,23 @@ def _stamp(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def joeynmt_xent(scores: dict[str, str]) -> Optional[float]:
+    """Dev cross-entropy per target subword (nats) from one JoeyNMT evaluation line's scores.
+
+    JoeyNMT 2.3.0 (prediction.py) logs ``ppl = exp(total_loss / total_ntokens)``, the
+    summed token NLL (label smoothing 0: plain NLL) over the target tokens of the dev
+    set (``trg[:, 1:] != pad``: the subwords and EOS, as ours), so log(ppl) is our
+    ``xent``. Taken from ppl, not ``loss``: ``loss`` is divided by the config's
+    normalization and printed with two decimals, ppl keeps more digits where it matters.
+    """
+    if "ppl" not in scores:
+        return None
+    ppl = float(scores["ppl"])
+    return round(math.log(ppl), 6) if ppl > 0 else None
+
+
 def parse_joeynmt_log(text: str, validation_freq: int) -> dict[str, Any]:
-    """Training start, per-interval tokens/s and steps, validation BLEU over time, parameters.
+    """Training start, per-interval tokens/s and steps, validation BLEU and cross-entropy over time, parameters.
 
     JoeyNMT validates when its step count is a multiple of ``validation_freq`` and
     does not log that step, so the k-th validation is at step k * validation_freq.
@@ -276,7 +298,8 @@ def parse_joeynmt_log(text: str, validation_freq: int) -> dict[str, Any]:
             began = predicting if predicting is not None else _stamp(m.group(1)) - seconds
             predicting = None
             evals.append({"time": began, "step": (len(evals) + 1) * validation_freq,
-                          "bleu": float(scores["bleu"]), "eval_seconds": seconds})
+                          "bleu": float(scores["bleu"]), "eval_seconds": seconds,
+                          "xent": joeynmt_xent(scores)})
         elif m := _PREDICT_RE.match(line):
             predicting = _stamp(m.group(1))
         elif m := _PARAMS_RE.match(line):
@@ -288,29 +311,13 @@ def parse_joeynmt_log(text: str, validation_freq: int) -> dict[str, Any]:
 
 
 def tree_rss_mib(pid: int) -> tuple[float, float]:
-    """(sum, largest) resident memory in MiB of ``pid`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    total = largest = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        mib = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-        total, largest = total + mib, max(largest, mib)
-    return total, largest
+    """(sum, largest) resident memory in MiB of ``pid`` and all its descendants, from /proc.
+
+    The sum counts a shared page once per process that maps it: see tree_memory's PSS."""
+    from distnmt.cluster import process_tree, tree_memory
+
+    memory = tree_memory(process_tree(pid))
+    return memory["rss"], memory["largest_rss"]
 
 
 def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[str, str]] = None,
@@ -322,7 +329,9 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
     that lands mid-validation); past ``limit_s`` the same. After 90 s of that it gets
     SIGTERM, after 120 s SIGKILL, so a hung system never hangs the benchmark.
     """
-    peak_total = peak_one = 0.0
+    from distnmt.cluster import process_tree, tree_memory
+
+    peak_total = peak_one = peak_pss = peak_uss = 0.0
     launched = time.time()
     interrupted_at: Optional[float] = None
     last_sigint = 0.0
@@ -330,8 +339,11 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             while proc.poll() is None:
-                total, one = tree_rss_mib(proc.pid)
-                peak_total, peak_one = max(peak_total, total), max(peak_one, one)
+                # PSS: shared pages (torch's libraries in every Ray worker) counted once in
+                # all, which summed RSS counts once per process; USS: private pages only.
+                memory = tree_memory(process_tree(proc.pid))
+                peak_total, peak_one = max(peak_total, memory["rss"]), max(peak_one, memory["largest_rss"])
+                peak_pss, peak_uss = max(peak_pss, memory["pss"]), max(peak_uss, memory["uss"])
                 now = time.time()
                 bar.n = int(now - launched)
                 bar.refresh()
@@ -351,12 +363,20 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
                 proc.wait()
     return {"returncode": proc.returncode, "wall_s": round(time.time() - launched, 1), "launched": launched,
             "interrupted": interrupted_at is not None, "peak_rss_tree_mib": round(peak_total),
+            "peak_pss_tree_mib": round(peak_pss), "peak_uss_tree_mib": round(peak_uss),
             "peak_rss_largest_process_mib": round(peak_one)}
 
 
 def minutes_to_targets(curve: list[dict[str, float]], targets: list[float]) -> dict[str, Optional[float]]:
     """For each target dev BLEU, the training minutes of the first point reaching it (None: never)."""
     return {f"{target:g}": next((round(p["minutes"], 2) for p in curve if p["bleu"] >= target), None)
+            for target in targets}
+
+
+def minutes_to_xent(curve: list[dict[str, Any]], targets: list[float]) -> dict[str, Optional[float]]:
+    """For each target dev cross-entropy, the training minutes of the first point at or below it (None: never)."""
+    return {f"{target:g}": next((round(p["minutes"], 2) for p in curve
+                                 if p.get("xent") is not None and p["xent"] <= target), None)
             for target in targets}
 
 
@@ -386,9 +406,11 @@ def distnmt_sets(name: str, overrides: list[str], minutes: float, checkpoint_eve
 
 
 def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minutes: float, out: Path,
-                data: PeerData, beam: int, targets: list[float], checkpoint_every: int) -> dict[str, Any]:
+                data: PeerData, beam: int, targets: list[float], checkpoint_every: int,
+                xent_targets: list[float]) -> dict[str, Any]:
     """One distnmt run (``naive``: without bucketing) under the budget, and its figures."""
     from distnmt.data.prepared import PreparedData
+    from distnmt.evaluate.records import read_scores
     from distnmt.model.build import build_model
 
     runs = out / "runs"
@@ -410,10 +432,13 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
     first = metrics[0]
     # Training start: the first log line's time less the steps it covered.
     start = first["time"] - first["step"] * first["step_time_s"]
-    scored = sorted((json.loads(x) for x in (run_dir / "eval/dev.jsonl").read_text().splitlines()),
-                    key=lambda r: r["step"])
-    curve = [{"step": r["step"], "minutes": (r["reported_at"] - start) / 60, "bleu": r["bleu"]} for r in scored]
-    best = max(scored, key=lambda r: r["bleu"])
+    scored = sorted((r for r in read_scores(run_dir / "eval/dev.jsonl") if r.origin == "training"),
+                    key=lambda r: r.step)
+    if not scored:
+        raise RuntimeError(f"{name}: no checkpoint was scored; see {out / f'{name}.log'}")
+    curve = [{"step": r.step, "minutes": (r.reported_at - start) / 60, "bleu": r.bleu, "xent": r.xent}
+             for r in scored if r.reported_at is not None]
+    best = max(scored, key=lambda r: r.bleu)
     vocab = PreparedData.from_config(cfg.data).vocab_sizes
     model = build_model(cfg.model, vocab["src"], vocab["tgt"])
     rates = [x["tokens_per_s"] for x in metrics[1:]] or [x["tokens_per_s"] for x in metrics]
@@ -421,20 +446,22 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
         "system": name, "version": _distnmt_version(), "workers": cfg.train.max_workers,
         "bucketing": cfg.data.bucketing, "step_token_budget": step_token_budget(cfg),
         "params": sum(p.numel() for p in model.parameters()),
-        "tokens_per_s": round(statistics.median(rates)), "updates": max(metrics[-1]["step"], scored[-1]["step"]),  # the last step is checkpointed, maybe not logged
-        "last_checkpoint_step": scored[-1]["step"], "train_minutes": round((scored[-1]["reported_at"] - start) / 60, 2),
+        "tokens_per_s": round(statistics.median(rates)), "updates": max(metrics[-1]["step"], scored[-1].step),  # the last step is checkpointed, maybe not logged
+        "last_checkpoint_step": scored[-1].step, "train_minutes": round(curve[-1]["minutes"], 2) if curve else None,
         "startup_s": round(start - watch["launched"], 1),
         "padding_efficiency": round(statistics.median(x["target_padding_efficiency"] for x in metrics), 4),
         "peak_rss_training_process_mib": round(max(x["peak_rss_mib"] for x in metrics)),
-        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
+        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_pss_tree_mib", "peak_uss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
         "dev_curve": curve, "minutes_to_dev_bleu": minutes_to_targets(curve, targets),
-        "best_dev": {"checkpoint": best["checkpoint"], "step": best["step"], "bleu": best["bleu"]},
-        "test": _decode_test(Path(best["path"]), data.test, cfg, beam),
+        "minutes_to_dev_xent": minutes_to_xent(curve, xent_targets),
+        "best_dev": {"checkpoint": best.checkpoint, "step": best.step, "bleu": best.bleu, "xent": best.xent},
+        "last_dev_xent": scored[-1].xent,
+        "test": _decode_test(Path(best.path or run_dir / best.checkpoint), data.test, cfg, beam),
     }
 
 
 def run_joeynmt(python: Path, cfg: Config, minutes: float, out: Path, data: PeerData, beam: int,
-                targets: list[float], validation_freq: int) -> dict[str, Any]:
+                targets: list[float], validation_freq: int, xent_targets: list[float]) -> dict[str, Any]:
     """JoeyNMT under the budget (SIGINT at the deadline), then its best checkpoint on newstest2014."""
     import yaml
 
@@ -464,7 +491,11 @@ def run_joeynmt(python: Path, cfg: Config, minutes: float, out: Path, data: Peer
     if log is None or log["start"] is None or not log["train"]:
         raise RuntimeError(f"joeynmt: no training step logged in the budget; see {out / 'joeynmt.log'}")
     start = log["start"]
-    curve = [{"step": e["step"], "minutes": (e["time"] - start) / 60, "bleu": e["bleu"]} for e in log["evals"]]
+    # With label smoothing JoeyNMT's validation loss is the smoothed KL divergence, not the
+    # plain cross-entropy distnmt's evaluator measures: then it has no comparable figure.
+    smoothed = cfg.optim.label_smoothing > 0
+    curve = [{"step": e["step"], "minutes": (e["time"] - start) / 60, "bleu": e["bleu"],
+              "xent": None if smoothed else e["xent"]} for e in log["evals"]]
     # No validation in the budget: JoeyNMT's test then takes its latest checkpoint (the one SIGINT saved).
     best = max(curve, key=lambda p: p["bleu"]) if curve else None
     hyp = out / "joeynmt.hyp"
@@ -491,10 +522,13 @@ def run_joeynmt(python: Path, cfg: Config, minutes: float, out: Path, data: Peer
         "padding_efficiency": round(joeynmt_padding_efficiency(np.asarray(src_len), np.asarray(tgt_len),
                                                                joeynmt_batch_size(cfg), cfg.train.seed), 4),
         "peak_rss_training_process_mib": watch["peak_rss_largest_process_mib"],
-        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
+        **{k: watch[k] for k in ("peak_rss_tree_mib", "peak_pss_tree_mib", "peak_uss_tree_mib", "peak_rss_largest_process_mib", "wall_s")},
         "dev_curve": curve, "minutes_to_dev_bleu": minutes_to_targets(curve, targets),
-        "best_dev": ({"checkpoint": "best.ckpt", "step": best["step"], "bleu": best["bleu"]} if best
-                     else {"checkpoint": "latest.ckpt", "step": log["train"][-1]["step"], "bleu": None}),
+        "minutes_to_dev_xent": minutes_to_xent(curve, xent_targets),
+        "best_dev": ({"checkpoint": "best.ckpt", "step": best["step"], "bleu": best["bleu"], "xent": best["xent"]}
+                     if best else {"checkpoint": "latest.ckpt", "step": log["train"][-1]["step"], "bleu": None,
+                                   "xent": None}),
+        "last_dev_xent": curve[-1]["xent"] if curve else None,
         "test": score_corpus(hyps, refs).to_dict(),
     }
 
@@ -511,7 +545,7 @@ def _distnmt_version() -> str:
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """distnmt's tokens/s and test BLEU over each other system's (the issue's targets)."""
+    """distnmt's tokens/s, test BLEU and last dev cross-entropy against each other system's (the issue's targets)."""
     by = {r["system"]: r for r in results if "error" not in r}
     out: dict[str, Optional[float]] = {}
     if "distnmt" in by:
@@ -519,6 +553,9 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Optional[float]]:
             if other in by and by[other].get("tokens_per_s"):
                 out[f"tokens_per_s_vs_{other}"] = round(by["distnmt"]["tokens_per_s"] / by[other]["tokens_per_s"], 2)
                 out[f"test_bleu_minus_{other}"] = round(by["distnmt"]["test"]["bleu"] - by[other]["test"]["bleu"], 2)
+            ours, theirs = by["distnmt"].get("last_dev_xent"), by.get(other, {}).get("last_dev_xent")
+            if ours is not None and theirs is not None:  # at the end of the same budget; lower is better
+                out[f"last_dev_xent_minus_{other}"] = round(ours - theirs, 3)
     return out
 
 
@@ -526,29 +563,44 @@ def _fmt(value: Optional[float]) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def markdown(header: dict[str, Any], results: list[dict[str, Any]], targets: list[float]) -> str:
-    """The figures as one markdown page: header, one row per system, the ratios, dev BLEU over time."""
+def _fmt3(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def markdown(header: dict[str, Any], results: list[dict[str, Any]], targets: list[float],
+             xent_targets: Optional[list[float]] = None) -> str:
+    """The figures as one markdown page: header, one row per system, the ratios, dev BLEU and
+    cross-entropy over time."""
+    xent_targets = xent_targets or []
     lines = ["# distnmt bench peer\n", *(f"- {k}: {v}" for k, v in header.items() if k != "ratios"), ""]
     cols = ["system", "tgt tokens/s", "updates", "params", "padding eff", "peak RSS train proc MiB",
-            "peak RSS tree MiB", "start-up s", "best dev BLEU", *(f"min to dev {t:g}" for t in targets),
-            "newstest2014 BLEU"]
+            "peak RSS tree MiB (summed)", "peak PSS tree MiB", "peak USS tree MiB", "start-up s", "best dev BLEU",
+            *(f"min to dev {t:g}" for t in targets),
+            "last dev xent", *(f"min to dev xent {t:g}" for t in xent_targets), "newstest2014 BLEU"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['system']} | {r['error']} |" + " |" * (len(cols) - 2))
             continue
         reach = [("" if v is None else f"{v:.1f}") for v in r["minutes_to_dev_bleu"].values()]
+        xent_reach = [("" if v is None else f"{v:.1f}") for v in r.get("minutes_to_dev_xent", {}).values()]
+        xent_reach += [""] * (len(xent_targets) - len(xent_reach))
         lines.append("| " + " | ".join([
             r["system"], f"{r['tokens_per_s']}", f"{r['updates']}", f"{r['params']:,}" if r["params"] else "",
             f"{r['padding_efficiency']:.3f}", f"{r['peak_rss_training_process_mib']}", f"{r['peak_rss_tree_mib']}",
-            f"{r['startup_s']}", _fmt(r["best_dev"]["bleu"]), *reach, f"{r['test']['bleu']:.2f}"]) + " |")
+            f"{r.get('peak_pss_tree_mib', '')}", f"{r.get('peak_uss_tree_mib', '')}",
+            f"{r['startup_s']}", _fmt(r["best_dev"]["bleu"]), *reach, _fmt3(r.get("last_dev_xent")),
+            *xent_reach[:len(xent_targets)], f"{r['test']['bleu']:.2f}"]) + " |")
     lines += ["", "Ratios: " + (", ".join(f"{k} {v}" for k, v in header["ratios"].items()) or "none"), ""]
     signatures = {r["test"]["bleu_signature"] for r in results if "error" not in r}
-    lines += [f"newstest2014 sacreBLEU signature: {', '.join(sorted(signatures))}", "", "## Dev BLEU over time\n",
-              "| system | step | train minutes | dev BLEU |", "|---|---|---|---|"]
+    lines += [f"newstest2014 sacreBLEU signature: {', '.join(sorted(signatures))}", "",
+              "## Dev BLEU and cross-entropy over time\n",
+              "dev xent: teacher-forced cross-entropy per target subword (nats, EOS included) on the dev subset.\n",
+              "| system | step | train minutes | dev BLEU | dev xent |", "|---|---|---|---|---|"]
     for r in results:
         for p in r.get("dev_curve", []):
-            lines.append(f"| {r['system']} | {p['step']} | {p['minutes']:.2f} | {p['bleu']:.2f} |")
+            lines.append(f"| {r['system']} | {p['step']} | {p['minutes']:.2f} | {p['bleu']:.2f} | "
+                         f"{_fmt3(p.get('xent'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -561,6 +613,8 @@ def main(argv: list[str]) -> int:
                         help="training budget per system, wall clock from its first step (default 20; --tiny 0.05)")
     parser.add_argument("--systems", default="distnmt,joeynmt,naive", help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--targets", default="0.1,0.2,0.5,1", help="dev BLEU values to time")
+    parser.add_argument("--xent-targets", default="6,5,4.5,4",
+                        help="dev cross-entropy values (nats per target subword) to time")
     parser.add_argument("--dev-sentences", type=int, default=500, help="dev (newstest2013) subset each system validates on")
     parser.add_argument("--test-sentences", type=int, default=None, help="newstest2014 subset (default: all 3003)")
     parser.add_argument("--checkpoint-every", type=int, default=80, help="steps between checkpoints / validations")
@@ -576,6 +630,7 @@ def main(argv: list[str]) -> int:
     if unknown:
         raise ConfigError(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     targets = [float(x) for x in args.targets.split(",")]
+    xent_targets = [float(x) for x in args.xent_targets.split(",") if x]
     overrides = list(args.overrides)
     args.minutes = args.minutes if args.minutes is not None else (0.05 if args.tiny else 20.0)
     if args.tiny:
@@ -600,10 +655,10 @@ def main(argv: list[str]) -> int:
                     print(f"[peer] {results[-1]['error']}", flush=True)
                     continue
                 results.append(run_joeynmt(python, cfg, args.minutes, args.out, data, args.beam, targets,
-                                           args.checkpoint_every))
+                                           args.checkpoint_every, xent_targets))
             else:
                 results.append(run_distnmt(system, args.config, overrides, args.minutes, args.out, data, args.beam,
-                                           targets, args.checkpoint_every))
+                                           targets, args.checkpoint_every, xent_targets))
         except (RuntimeError, subprocess.CalledProcessError, FileNotFoundError) as err:
             # One system failing must not cost the others' figures; the table says why.
             results.append({"system": system, "error": str(err).splitlines()[0]})
@@ -622,7 +677,7 @@ def main(argv: list[str]) -> int:
         "beam": args.beam, "ratios": ratios(results),
     }
     (args.out / "peer.json").write_text(json.dumps({"header": header, "results": results}, indent=1), encoding="utf-8")
-    page = markdown(header, results, targets)
+    page = markdown(header, results, targets, xent_targets)
     (args.out / "peer.md").write_text(page, encoding="utf-8")
     print(page)
     return 0 if all("error" not in r or r["error"].startswith("skipped") for r in results) else 1

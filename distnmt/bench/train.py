@@ -23,7 +23,7 @@ import ray
 import torch
 
 from distnmt.config import load_config
-from distnmt.train.driver import run_training
+from distnmt.orchestrate import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINES = {
@@ -86,7 +86,9 @@ def main(argv: list[str]) -> int:
         engines, workers, precisions, args.steps = ["ddp"], [1], ["fp32"], 6
         extra += ["model.embed_size=16", "model.hidden_size=16", "model.align_size=16", "model.maxout_size=8"]
     args.out.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True, namespace="distnmt")
+    from distnmt.cluster import start_local
+
+    local_ray = start_local()  # loopback only, sized for one machine (docs/RELIABILITY.md)
     results: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="distnmt-bench-") as storage:
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> int:
                     for n in workers:
                         results.append(_case(args.config, engine, n, precision, args.steps, Path(storage), extra))
     finally:
-        ray.shutdown()
+        local_ray.stop()
     one = {(r["engine"], r["precision"]): r["tokens_per_s"] for r in results if r["workers"] == 1}
     for r in results:
         if r["workers"] == 2 and (r["engine"], r["precision"]) in one:

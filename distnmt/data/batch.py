@@ -25,29 +25,49 @@ class Batch:
     tgt_in: torch.LongTensor       # [B, T] = [BOS] + ids, padded
     tgt_out: torch.LongTensor      # [B, T] = ids + [EOS], padded
     indices: list[int]             # pair indices, for tracing a bad batch back to the data
+    # Non-pad tokens of ``tgt_out``, counted on the host by collate (None: count them).
+    target_tokens: int | None = None
 
     def num_target_tokens(self) -> int:
-        """Tokens the loss is summed over (non-pad in ``tgt_out``): the unit of a token budget."""
-        return int((self.tgt_out != PAD_ID).sum())
+        """Tokens the loss is summed over (non-pad in ``tgt_out``): the unit of a token budget.
+
+        Known on the host from collate: counting on the device would make the host
+        wait for the device at every step.
+        """
+        if self.target_tokens is None:
+            self.target_tokens = int((self.tgt_out != PAD_ID).sum())
+        return self.target_tokens
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        """A copy with every tensor on ``device``."""
+        """A copy with the token tensors on ``device``.
+
+        ``src_lengths`` stays on the host: the encoder packs with host lengths
+        (pack_padded_sequence wants them there), and a copy back from the device would
+        wait for it; the model moves them itself for the mask.
+        """
         return Batch(
             src=self.src.to(device, non_blocking=non_blocking),
-            src_lengths=self.src_lengths.to(device, non_blocking=non_blocking),
+            src_lengths=self.src_lengths,
             tgt_in=self.tgt_in.to(device, non_blocking=non_blocking),
             tgt_out=self.tgt_out.to(device, non_blocking=non_blocking),
             indices=self.indices,
+            target_tokens=self.num_target_tokens() if self.tgt_out.device.type == "cpu" else self.target_tokens,
         )
 
     def pin_memory(self) -> "Batch":
-        """Page-locked copy, so ``to(cuda, non_blocking=True)`` overlaps with compute."""
+        """Page-locked copy, so ``to(cuda, non_blocking=True)`` overlaps with compute.
+
+        Without a CUDA device there is nothing to overlap with: the batch itself.
+        """
+        if not torch.cuda.is_available():
+            return self
         return Batch(
             src=self.src.pin_memory(),
             src_lengths=self.src_lengths.pin_memory(),
             tgt_in=self.tgt_in.pin_memory(),
             tgt_out=self.tgt_out.pin_memory(),
             indices=self.indices,
+            target_tokens=self.num_target_tokens(),
         )
 
     def __len__(self) -> int:
@@ -77,13 +97,14 @@ def collate(src: TokenArray, tgt: TokenArray, indices: list[int]) -> Batch:
     tgt_seqs = [tgt[i] for i in indices]
     src_mat, src_len = _pad(src_seqs, None, EOS_ID)
     tgt_in, _ = _pad(tgt_seqs, BOS_ID, None)
-    tgt_out, _ = _pad(tgt_seqs, None, EOS_ID)
+    tgt_out, tgt_len = _pad(tgt_seqs, None, EOS_ID)
     return Batch(
         src=torch.from_numpy(src_mat),
         src_lengths=torch.from_numpy(src_len),
         tgt_in=torch.from_numpy(tgt_in),
         tgt_out=torch.from_numpy(tgt_out),
         indices=list(indices),
+        target_tokens=int(tgt_len.sum()),
     )
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from distnmt.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from distnmt.evaluate.translator import SRC_SPM, TGT_SPM
+from distnmt.checkpoint import CheckpointError, load_checkpoint, meta_path, read_meta, save_checkpoint, spm_files, spm_paths
 
 
 def last_checkpoints(checkpoint: Path, count: int) -> list[Path]:
@@ -23,7 +22,7 @@ def last_checkpoints(checkpoint: Path, count: int) -> list[Path]:
     step = int(read_meta(checkpoint)["step"])
     steps: dict[Path, int] = {}
     for sibling in checkpoint.parent.iterdir():
-        if sibling.is_dir() and (sibling / "meta.json").is_file():
+        if sibling.is_dir() and meta_path(sibling).is_file():
             try:
                 steps[sibling] = int(read_meta(sibling)["step"])
             except CheckpointError:
@@ -73,7 +72,7 @@ def average_checkpoints(paths: list[Path], out_dir: Path) -> Path:
         Path(out_dir), {"model": averaged, "step": int(meta["step"])},
         step=int(meta["step"]), config=meta["config"], vocab_sha256=meta["vocab_sha256"],
         extra_meta={"vocab_size": meta["vocab_size"], "averaged_from": [Path(p).name for p in paths]},
-        extra_files={SRC_SPM: last / SRC_SPM, TGT_SPM: last / TGT_SPM},
+        extra_files=spm_files(*spm_paths(last)),
     )
 
 

@@ -15,15 +15,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sacrebleu.metrics import BLEU
 
+if TYPE_CHECKING:
+    from distnmt.config import EvalConfig
+    from distnmt.evaluate.records import ScoreRecord
+    from distnmt.evaluate.score import EvalSplit
+
 # Source-length bins in words, as in the paper's Figure 2 (0 to 60+ words).
 LENGTH_BIN = 10
 LAST_BIN_START = 60
+# Attention examples (Figure 3): the first dev sentences of a readable length.
+EXAMPLE_WORDS = (10, 25)
 
 
 @dataclass
@@ -99,3 +107,39 @@ def plot_attention(src_pieces: list[str], tgt_pieces: list[str], weights: np.nda
     ax.xaxis.tick_top()
     ax.set_title(title, fontsize=8, pad=12 + 5 * max(len(p) for p in src_pieces))
     return _save(fig, path)
+
+
+def example_indices(sources: list[str], count: int, words: tuple[int, int] = EXAMPLE_WORDS) -> list[int]:
+    """The fixed sentences drawn in Figure 3: the first ``count`` of ``words`` words (else the first ones)."""
+    low, high = words
+    picks = [i for i, s in enumerate(sources) if low <= len(s.split()) <= high][:count]
+    if len(picks) < count:  # a tiny split: take what there is
+        picks += [i for i in range(len(sources)) if i not in picks][: count - len(picks)]
+    return sorted(picks)
+
+
+def draw_run_figures(out: Path, best: "ScoreRecord", scored: "ScoreRecord", scored_split: "EvalSplit",
+                     hypotheses: list[str], dev: "EvalSplit", checkpoint_dir: Path, eval_cfg: "EvalConfig",
+                     device: str = "cpu") -> list[Path]:
+    """The end of a run's figures for its best checkpoint (in ``checkpoint_dir``).
+
+    Figure 2 from ``scored`` (the best checkpoint's test score, else its dev score)
+    and its ``hypotheses`` of ``scored_split``; Figure 3 for ``eval_cfg.attention_examples``
+    fixed sentences of ``dev``, decoded again to get their attention weights.
+    """
+    from distnmt.evaluate.translator import translator_from_checkpoint
+
+    bins = bleu_by_length(scored_split.sources, hypotheses, scored_split.references)
+    title = (f"{best.checkpoint} (step {best.step}) on {scored.test_set}: "
+             f"BLEU {scored.bleu:.2f}, beam {scored.beam_size}")
+    paths = [plot_bleu_by_length(bins, out / "bleu_by_length.png", title)]
+    if eval_cfg.attention_examples:
+        picks = example_indices(dev.sources, eval_cfg.attention_examples)
+        translator = translator_from_checkpoint(checkpoint_dir, eval_cfg, device=device)
+        for index, alignment in zip(picks, translator.attention([dev.sources[i] for i in picks])):
+            paths.append(plot_attention(
+                alignment.src_pieces, alignment.tgt_pieces, alignment.weights,
+                out / f"attention_{dev.name}{index:04d}.png",
+                f"{dev.test_set} #{index + 1}, {best.checkpoint}:\n{alignment.translation}",
+            ))
+    return paths

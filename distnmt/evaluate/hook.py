@@ -1,7 +1,8 @@
 """Ray Train's checkpoint-validation hook: hands each reported checkpoint to the evaluator actor.
 
-Kept in its own module that imports nothing but Ray: Ray runs the hook as a task
-in a fresh worker process, which imports the hook's module first. Importing the
+Kept in its own module that imports nothing but Ray (and, to unpickle the answer,
+the small records module): Ray runs the hook as a task in a fresh worker process,
+which imports the hook's module first. Importing the
 evaluator there (torch, sacreBLEU, matplotlib: 2-4 s on a busy 2-core machine)
 would add that much to every checkpoint's evaluation lag.
 """
@@ -28,7 +29,11 @@ def score_with_evaluator(checkpoint: "Checkpoint", evaluator_name: str, namespac
     """
     handed_at = time.time()  # splits the evaluation lag into Ray's scheduling and the actor's work
     actor = ray.get_actor(evaluator_name, namespace=namespace)
+    # A ScoreRecord or a SkipRecord (distnmt.evaluate.records: light, imported by unpickling).
     record = ray.get(actor.score_checkpoint.remote(checkpoint, handed_at=handed_at))
-    if record.get("skipped"):
+    if getattr(record, "skipped", False):
         return {"eval_skipped": True}
-    return {"bleu": record["bleu"], "chrf": record["chrf"]}
+    metrics = {"bleu": record.bleu, "chrf": record.chrf}
+    if record.xent is not None:
+        metrics["xent"] = record.xent  # dev cross-entropy per target subword
+    return metrics

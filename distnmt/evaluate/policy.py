@@ -11,9 +11,9 @@ Kept apart from the actor so that each rule can be tested on made-up scores:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
-Record = dict[str, Any]
+from distnmt.evaluate.records import ScoreRecord
 
 
 def newer_than(step: int, known: dict[str, int]) -> list[str]:
@@ -38,11 +38,11 @@ def should_skip(policy: str, step: int, known: dict[str, int]) -> Optional[str]:
     return newer[-1] if newer else None
 
 
-def best_record(records: list[Record]) -> Optional[Record]:
+def best_record(records: list[ScoreRecord]) -> Optional[ScoreRecord]:
     """The record with the highest BLEU; the earliest step wins a tie (it was there first)."""
     if not records:
         return None
-    return max(sorted(records, key=lambda r: r["step"]), key=lambda r: r["bleu"])
+    return max(sorted(records, key=lambda r: r.step), key=lambda r: r.bleu)
 
 
 @dataclass
@@ -52,28 +52,28 @@ class EarlyStopping:
     patience: Optional[int]  # None: never stop
     min_delta: float = 0.0
 
-    def since_best(self, records: list[Record]) -> tuple[Optional[Record], int]:
+    def since_best(self, records: list[ScoreRecord]) -> tuple[Optional[ScoreRecord], int]:
         """The best record so far and how many scored checkpoints came after it without beating it."""
-        best: Optional[Record] = None
+        best: Optional[ScoreRecord] = None
         waited = 0
-        for record in sorted(records, key=lambda r: r["step"]):
-            if best is None or record["bleu"] > best["bleu"] + self.min_delta:
+        for record in sorted(records, key=lambda r: r.step):
+            if best is None or record.bleu > best.bleu + self.min_delta:
                 best, waited = record, 0
             else:
                 waited += 1
         return best, waited
 
-    def reason(self, records: list[Record]) -> Optional[str]:
+    def reason(self, records: list[ScoreRecord]) -> Optional[str]:
         """One sentence saying why training should stop now, or None to go on."""
         if self.patience is None:
             return None
         best, waited = self.since_best(records)
         if best is None or waited < self.patience:
             return None
-        last = max(records, key=lambda r: r["step"])
+        last = max(records, key=lambda r: r.step)
         gain = f" by more than {self.min_delta:g}" if self.min_delta else ""
         return (
-            f"early stopping: {best.get('test_set', 'dev')} BLEU has not improved{gain} for {waited} scored "
-            f"checkpoint(s) (patience {self.patience}); best {best['bleu']:.2f} at step {best['step']} "
-            f"({best['checkpoint']}), last {last['bleu']:.2f} at step {last['step']}"
+            f"early stopping: {best.test_set or 'dev'} BLEU has not improved{gain} for {waited} scored "
+            f"checkpoint(s) (patience {self.patience}); best {best.bleu:.2f} at step {best.step} "
+            f"({best.checkpoint}), last {last.bleu:.2f} at step {last.step}"
         )

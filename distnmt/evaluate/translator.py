@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distnmt.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from distnmt.checkpoint import META_FILE, SRC_SPM, TGT_SPM, CheckpointError, LoadedCheckpoint, load_checkpoint, spm_paths  # noqa: F401  (SRC_SPM, TGT_SPM: re-exported for the tests)
 from distnmt.config import Config, EvalConfig, config_from_dict
 from distnmt.data.batch import collate_sentences
 from distnmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -27,8 +27,6 @@ from distnmt.model.search import beam_search, greedy_search
 
 log = logging.getLogger(__name__)
 
-SRC_SPM = "spm.src.model"
-TGT_SPM = "spm.tgt.model"
 
 
 @dataclass
@@ -118,7 +116,7 @@ def model_from_checkpoint(ckpt: LoadedCheckpoint, device: torch.device | str = "
         model.load_state_dict(ckpt.state["model"])
     except RuntimeError as err:  # names and shapes, first line only: the rest is a list of tensors
         reason = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{ckpt.path}: weights do not fit the model config in its meta.json ({reason})") from None
+        raise CheckpointError(f"{ckpt.path}: weights do not fit the model config in its {META_FILE} ({reason})") from None
     return model.to(device).eval(), cfg
 
 
@@ -133,8 +131,8 @@ def translator_from_checkpoint(
     model, cfg = model_from_checkpoint(ckpt, device)
     return Translator(
         model=model,
-        src_tok=Tokenizer(ckpt.path / SRC_SPM),
-        tgt_tok=Tokenizer(ckpt.path / TGT_SPM),
+        src_tok=Tokenizer(spm_paths(ckpt.path)[0]),
+        tgt_tok=Tokenizer(spm_paths(ckpt.path)[1]),
         eval_cfg=eval_cfg or cfg.eval,
         max_src_len=(eval_cfg or cfg.eval).max_src_len,
         device=torch.device(device),

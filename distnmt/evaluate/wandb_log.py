@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distnmt.config import Config
+from distnmt.evaluate.records import ScoreRecord
 
 ID_FILE = "wandb_run_id"
 
@@ -65,26 +66,28 @@ class EvalLogger:
     def run_id(self) -> Optional[str]:
         return self._run.id if self._run is not None else None
 
-    def log_scores(self, record: dict[str, Any], sources: list[str], references: list[str], hypotheses: list[str]) -> None:
+    def log_scores(self, record: ScoreRecord, sources: list[str], references: list[str], hypotheses: list[str]) -> None:
         """One checkpoint's scores, and its first ``eval.samples`` translations appended to the samples table."""
         if not self.enabled:
             return
         import wandb
 
         run = self._start()
-        split = record["split"]
+        split = record.split
         payload: dict[str, Any] = {
-            "train_step": record["step"],
-            f"{split}/bleu": record["bleu"],
-            f"{split}/chrf": record["chrf"],
-            f"{split}/decode_seconds": record["decode_seconds"],
+            "train_step": record.step,
+            f"{split}/bleu": record.bleu,
+            f"{split}/chrf": record.chrf,
+            f"{split}/decode_seconds": record.decode_seconds,
         }
-        if record.get("lag_seconds") is not None:
-            payload[f"{split}/lag_seconds"] = record["lag_seconds"]
+        if record.xent is not None:  # cross-entropy per target subword: moves before BLEU does
+            payload[f"{split}/xent"] = record.xent
+        if record.lag_seconds is not None:
+            payload[f"{split}/lag_seconds"] = record.lag_seconds
         count = min(self.cfg.eval.samples, len(hypotheses))
         if count:
             self._sample_rows += [
-                [record["step"], record["checkpoint"], split, sources[i], references[i], hypotheses[i]]
+                [record.step, record.checkpoint, split, sources[i], references[i], hypotheses[i]]
                 for i in range(count)
             ]
             # W&B tables are immutable once logged: log the growing table each time.
@@ -93,21 +96,25 @@ class EvalLogger:
             )
         run.log(payload)
 
-    def log_final(self, best: dict[str, Any], test: Optional[dict[str, Any]], figures: list[Path]) -> None:
+    def log_final(self, best: ScoreRecord, test: Optional[ScoreRecord], figures: list[Path]) -> None:
         """The best checkpoint, its test score and the figures, in the run's summary and media."""
         if not self.enabled:
             return
         import wandb
 
         run = self._start()
-        run.summary["best/checkpoint"] = best["checkpoint"]
-        run.summary["best/step"] = best["step"]
-        run.summary["best/dev_bleu"] = best["bleu"]
-        payload: dict[str, Any] = {"train_step": best["step"]}
+        run.summary["best/checkpoint"] = best.checkpoint
+        run.summary["best/step"] = best.step
+        run.summary["best/dev_bleu"] = best.bleu
+        if best.xent is not None:
+            run.summary["best/dev_xent"] = best.xent
+        payload: dict[str, Any] = {"train_step": best.step}
         if test is not None:
-            run.summary["best/test_bleu"] = test["bleu"]
-            run.summary["best/test_chrf"] = test["chrf"]
-            payload.update({"test/bleu": test["bleu"], "test/chrf": test["chrf"]})
+            run.summary["best/test_bleu"] = test.bleu
+            run.summary["best/test_chrf"] = test.chrf
+            payload.update({"test/bleu": test.bleu, "test/chrf": test.chrf})
+            if test.xent is not None:
+                payload["test/xent"] = test.xent
         for path in figures:
             payload[f"figures/{path.stem}"] = wandb.Image(str(path))
         run.log(payload)

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-__all__ = ["EncoderOutput", "PaperGRUCell", "RNNSearch"]
+__all__ = ["EncoderOutput", "PaperGRUCell", "RNNSearch", "gru_cell_fp32_gates"]
 
 GRU_VARIANTS = ("cudnn", "paper")
 INIT_SCHEMES = ("paper", "torch")
@@ -110,12 +110,35 @@ class PaperGRUCell(nn.Module):
 
         The encoder projects a whole sentence in one matmul and then only runs this.
         """
-        x_z, x_r, x_n = x_proj.chunk(3, dim=-1)
-        h_z, h_r = self.gate_proj(state).chunk(2, dim=-1)
+        # Under autocast the matmuls return the low precision; the gates and the update
+        # are computed in the state's dtype (fp32), so the state is carried in it.
+        x_z, x_r, x_n = x_proj.to(state.dtype).chunk(3, dim=-1)
+        h_z, h_r = self.gate_proj(state).to(state.dtype).chunk(2, dim=-1)
         z = torch.sigmoid(x_z + h_z)
         r = torch.sigmoid(x_r + h_r)
-        candidate = torch.tanh(x_n + self.candidate_proj(r * state))
+        candidate = torch.tanh(x_n + self.candidate_proj(r * state).to(state.dtype))
         return (1 - z) * state + z * candidate
+
+
+def gru_cell_fp32_gates(cell: nn.GRUCell, x: Tensor, state: Tensor) -> Tensor:
+    """``nn.GRUCell``'s equations with its two matmuls in the autocast dtype and the
+    gates and update in the state's dtype (fp32).
+
+    Under CUDA autocast ``nn.GRUCell`` (ATen's ``gru_cell``, on autocast's fp16 list)
+    runs whole in fp16, gates and update included, and on CPU its gates come out of
+    bf16 matmuls in bf16: either way the state would be updated in the low precision
+    at every step. Same formula and order as ATen's CPU ``GRUCell``:
+    r = sigma(i_r + h_r), z = sigma(i_z + h_z), n = tanh(i_n + r * h_n),
+    s' = (s - n) * z + n, with gates ordered [r; z; n].
+    """
+    gi = F.linear(x, cell.weight_ih, cell.bias_ih).to(state.dtype)
+    gh = F.linear(state, cell.weight_hh, cell.bias_hh).to(state.dtype)
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(h_r + i_r)
+    z = torch.sigmoid(h_z + i_z)
+    n = torch.tanh(i_n + h_n * r)
+    return (state - n) * z + n
 
 
 class PaperBiGRU(nn.Module):
@@ -295,13 +318,21 @@ class RNNSearch(nn.Module):
         if B and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > S):
             raise ValueError(f"source lengths must lie in [1, {S}], got {lengths_cpu.tolist()}")
         emb = self.dropout(self.src_embed(src))
-        mask = torch.arange(S, device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
+        # Lengths on the host (Batch.to keeps them there) reach the device by a queued
+        # copy; lengths already there are used as they are.
+        dev_lengths = src_lengths if src_lengths.device == src.device else lengths_cpu.to(src.device, non_blocking=True)
+        mask = torch.arange(S, device=src.device)[None, :] < dev_lengths[:, None]
         if isinstance(self.encoder, PaperBiGRU):
             annotations, fwd_last, bwd_first = self.encoder(emb, mask)
         else:
             packed = pack_padded_sequence(emb, lengths_cpu, batch_first=True, enforce_sorted=False)
             packed_out, h_n = self.encoder(packed)
-            annotations, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=S)
+            # Unpacked in the sorted order, then put back in the batch's order on the
+            # device: pad_packed_sequence would also unsort the lengths, reading the
+            # device's unsorted_indices back to the host (a sync per batch on a GPU).
+            sorted_out = PackedSequence(packed_out.data, packed_out.batch_sizes)
+            annotations, _ = pad_packed_sequence(sorted_out, batch_first=True, total_length=S)
+            annotations = annotations.index_select(0, packed_out.unsorted_indices)
             # h_n[0] is fwd at the last real word; h_n[1] is bwd_1, the backward state at word 1.
             fwd_last, bwd_first = h_n[0], h_n[1]
         # The decoder state is carried in the parameters' dtype (fp32 under autocast):
@@ -359,6 +390,9 @@ class RNNSearch(nn.Module):
         # state's dtype (see :meth:`encode`).
         dtype = self._compute_dtype(state.device)
         x = torch.cat([emb.to(dtype), context.to(dtype)], dim=-1)
+        if dtype != state.dtype and isinstance(self.cell, nn.GRUCell):
+            # Under autocast: the fused cell would update the state in low precision.
+            return gru_cell_fp32_gates(self.cell, x, state)
         return self.cell(x, state).to(state.dtype)
 
     def _logits(self, state: Tensor, emb: Tensor, context: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ mixed precision, loss scaling, gradient accumulation, clipping, the LR
 schedule, how optimizer state is saved) stays in this file.
 
 Loss normalisation is the same for both engines and exact: each rank scales
-its summed token loss by ``world / global_target_tokens`` (one all-reduce of a
+its summed token loss by ``world / global_target_tokens`` (or ``world /
+global_sentences`` with ``train.loss_norm: sentence``; one all-reduce of a
 scalar per step), so after the engines average gradients over ranks the
 update equals a single-process step on all ranks' micro-batches together,
 however unevenly the tokens fall across ranks and micro-batches.
@@ -27,37 +28,97 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from distnmt.checkpoint import DEEPSPEED_TAG, deepspeed_dir
 from distnmt.config import Config, ConfigError
 from distnmt.data.batch import Batch
 from distnmt.data.tokenizer import PAD_ID
 from distnmt.train.optim import build_optimizer
 from distnmt.train.schedule import build_scheduler
 
-DEEPSPEED_SUBDIR = "deepspeed"
-DEEPSPEED_TAG = "state"
-
 
 @dataclass
 class StepStats:
-    """What one optimizer step reports (this rank's part of loss and tokens)."""
+    """What one optimizer step reports (this rank's part of loss and tokens).
 
-    loss_sum: float
-    tokens: int
+    The step's figures stay where they were computed: reading a CUDA tensor on the
+    host waits for every kernel queued before it, so the engine reads none of them.
+    ``*_t`` fields are tensors (on the training device, or on the CPU where the value
+    was born on the host); accumulate them on the device and read them when logging.
+    The plain-named properties read them on the host (a sync each on a GPU): for a
+    log line, or for a caller that has not moved to the tensors yet.
+    """
+
+    loss_sum_t: torch.Tensor  # 0-d fp32: summed token loss of this rank's micro-batches
+    tokens: int  # real target tokens of this rank (counted on the host at collate time)
     padded_tokens: int
-    grad_norm: float
+    grad_norm_t: torch.Tensor  # 0-d: norm of the all-reduced gradients before clipping (NaN: not computed)
     lr: float
-    loss_scale: float
+    loss_scale_t: torch.Tensor  # 0-d: the fp16 loss scale after this step (1 otherwise)
     # False when this rank saw a non-finite loss or gradient norm; the engine then
-    # applied no update (fp16: the loss scaler skipped it; DDP fp32/bf16: skipped here).
-    finite: bool = True
+    # applied no update (fp16: the loss scaler skipped it; fp32/bf16: skipped here).
+    finite_t: torch.Tensor  # 0-d bool
+
+    @property
+    def loss_sum(self) -> float:
+        return float(self.loss_sum_t)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_t)
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.loss_scale_t)
+
+    @property
+    def finite(self) -> bool:
+        return bool(self.finite_t)
 
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _host_to_device(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host values on ``device`` without a blocking copy.
+
+    From pageable memory a CUDA copy waits for the stream; from pinned memory with
+    ``non_blocking`` it is queued like a kernel.
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def loss_count(batches: list[Batch], loss_norm: str = "token") -> int:
+    """What this rank's summed token loss is divided by (summed over ranks): its target
+    tokens (``train.loss_norm: token``, a per-token mean) or its sentences (``sentence``:
+    the per-sentence sum of GroundHog / dl4mt, the scale of the paper's clipping and eps)."""
+    if loss_norm == "sentence":
+        return sum(b.src.size(0) for b in batches)
+    return sum(b.num_target_tokens() for b in batches)
+
+
+def loss_scale_factor(batches: list[Batch], device: torch.device, loss_norm: str = "token") -> torch.Tensor | float:
+    """``world / global target tokens`` (or sentences, see :func:`loss_count`) of this
+    step, over all ranks and micro-batches.
+
+    One process: a host float (the counts are known on the host). Several: one
+    all-reduce of a scalar on the device, divided there; nothing is read back.
+    Both round like the float64 division ``world / tokens`` cast to fp32.
+    """
+    local = float(loss_count(batches, loss_norm))
+    world = _world()
+    if world == 1:
+        return 1.0 / max(local, 1.0)
+    total = _host_to_device([local], torch.float64, device)
+    dist.all_reduce(total)
+    return (world / total.clamp(min=1.0)).to(torch.float32).squeeze(0)
+
+
 def global_tokens(batches: list[Batch], device: torch.device) -> float:
-    """Target tokens of this step over all ranks and micro-batches."""
+    """Target tokens of this step over all ranks and micro-batches (a host read: for tests and logs)."""
     total = torch.tensor([float(sum(b.num_target_tokens() for b in batches))], dtype=torch.float64, device=device)
     if _world() > 1:
         dist.all_reduce(total)
@@ -105,7 +166,8 @@ class DDPEngine(Engine):
         # wrap = ray.train.torch.prepare_model: DDP when world > 1 (passed in so that
         # this file works without Ray, e.g. in single-process tests).
         self.model = wrap(model) if _world() > 1 else model
-        self.optimizer = build_optimizer(model.parameters(), cfg.optim)
+        # Fused Adam on CUDA: fewer kernels, and a skipped step needs no host read.
+        self.optimizer = build_optimizer(model.parameters(), cfg.optim, fused=device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
@@ -116,9 +178,9 @@ class DDPEngine(Engine):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def train_step(self, batches: list[Batch]) -> StepStats:
-        scale = _world() / max(global_tokens(batches, self.device), 1.0)
+        scale = loss_scale_factor(batches, self.device, self.cfg.train.loss_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_total = 0.0
+        losses = []
         for i, batch in enumerate(batches):
             # Gradients are all-reduced once, on the last micro-batch only.
             last = i == len(batches) - 1
@@ -130,30 +192,60 @@ class DDPEngine(Engine):
                 if self.poison_loss:
                     loss_sum = loss_sum * math.nan
                 self.scaler.scale(loss_sum * scale).backward()
-            loss_total += float(loss_sum.detach())
+            losses.append(loss_sum.detach())
+        loss_total = torch.stack(losses).sum() if len(losses) > 1 else losses[0]
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
         # The gradient norm is of the all-reduced gradients, so every rank agrees on it
         # and takes the same decision (this rank's loss alone could make them differ).
-        grads_finite = math.isfinite(grad_norm)
-        finite = grads_finite and math.isfinite(loss_total)
-        if grads_finite or self.scaler.is_enabled():
+        grads_finite = torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():
             # fp16: the scaler finds the overflow itself, skips the update and lowers
-            # its scale. fp32/bf16 have no scaler: a NaN update would ruin the weights
-            # for good, so it is not applied at all.
+            # its scale (on the device for a fused optimizer; one read otherwise).
             self.scaler.step(self.optimizer)
+        else:
+            # fp32/bf16 have no scaler: a NaN update would ruin the weights for good,
+            # so it is not applied at all.
+            self._step_unless(grads_finite)
         self.scaler.update()
         self.scheduler.step()
         return StepStats(
-            loss_sum=loss_total,
+            loss_sum_t=loss_total,
             tokens=sum(b.num_target_tokens() for b in batches),
             padded_tokens=sum(b.tgt_out.numel() for b in batches),
-            grad_norm=grad_norm, lr=lr,
-            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
-            finite=finite,
+            grad_norm_t=grad_norm.detach(), lr=lr,
+            loss_scale_t=self._loss_scale(),
+            finite_t=grads_finite & torch.isfinite(loss_total),
         )
+
+    def _loss_scale(self) -> torch.Tensor:
+        """The scaler's scale as a tensor (``get_scale()`` would read it on the host).
+
+        A copy: ``update()`` changes the scaler's tensor in place at the next step.
+        """
+        scale = self.scaler._get_scale_async() if self.scaler.is_enabled() else None
+        return torch.ones(()) if scale is None else scale.detach().clone()
+
+    def _step_unless(self, grads_finite: torch.Tensor) -> None:
+        """The optimizer step, skipped when the gradients are not finite.
+
+        A fused optimizer (``_step_supports_amp_scaling``: Adam/AdamW with fused=True,
+        built so on CUDA) takes the decision on the device, through the same
+        ``found_inf`` input GradScaler gives it: no host read. Any other (Adadelta,
+        foreach Adam) needs the flag on the host: the one read of a step, after the
+        backward and clipping have been queued.
+        """
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
+            self.optimizer.found_inf = (~grads_finite).to(torch.float32)  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf  # type: ignore[attr-defined]
+        elif bool(grads_finite):
+            self.optimizer.step()
 
     def state_for_checkpoint(self) -> dict[str, Any]:
         return {
@@ -237,8 +329,8 @@ class DeepSpeedEngine(Engine):
         self.module = self.engine.module
 
     def train_step(self, batches: list[Batch]) -> StepStats:
-        scale = _world() / max(global_tokens(batches, self.device), 1.0)
-        loss_total = 0.0
+        scale = loss_scale_factor(batches, self.device, self.cfg.train.loss_norm)
+        losses = []
         for batch in batches:
             logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)
             loss_sum = token_loss_sum(logits, batch, self.cfg.optim.label_smoothing)
@@ -247,20 +339,26 @@ class DeepSpeedEngine(Engine):
             # Already normalised over all micro-batches: no further division by GAS.
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
-            loss_total += float(loss_sum.detach())
-        grad_norm = self.engine.get_global_grad_norm()
-        scale_now = getattr(self.optimizer, "cur_scale", None) or getattr(self.optimizer, "loss_scale", 1.0)
+            losses.append(loss_sum.detach())
+        loss_total = torch.stack(losses).sum() if len(losses) > 1 else losses[0]
         # DeepSpeed skips the update itself on overflow in fp16 (and in bf16 with
-        # bf16.check_grad_overflow); the norm is None when ZeRO does not compute it.
-        finite = math.isfinite(loss_total) and (grad_norm is None or math.isfinite(float(grad_norm)))
+        # bf16.check_grad_overflow), reading its flags on the host as it decides; the
+        # norm is None when ZeRO does not compute it, a float or a tensor otherwise.
+        grad_norm = self.engine.get_global_grad_norm()
+        norm_t = (grad_norm.detach().float().reshape(()) if isinstance(grad_norm, torch.Tensor)
+                  else torch.tensor(math.nan if grad_norm is None else float(grad_norm)))
+        scale_now = getattr(self.optimizer, "cur_scale", None) or getattr(self.optimizer, "loss_scale", 1.0)
+        finite = torch.isfinite(loss_total)
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(norm_t).to(finite.device)
         return StepStats(
-            loss_sum=loss_total,
+            loss_sum_t=loss_total,
             tokens=sum(b.num_target_tokens() for b in batches),
             padded_tokens=sum(b.tgt_out.numel() for b in batches),
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            grad_norm_t=norm_t,
             lr=float(self.engine.get_lr()[0]),
-            loss_scale=float(scale_now),
-            finite=finite,
+            loss_scale_t=torch.as_tensor(scale_now, dtype=torch.float32).detach().clone(),
+            finite_t=finite,
         )
 
     def state_for_checkpoint(self) -> dict[str, Any]:
@@ -271,10 +369,10 @@ class DeepSpeedEngine(Engine):
     def save_sharded(self, directory: Path) -> None:
         # A collective: every rank writes its optimizer partition (ZeRO) into its
         # own copy of the directory; Ray merges the copies in storage.
-        self.engine.save_checkpoint(str(directory / DEEPSPEED_SUBDIR), tag=DEEPSPEED_TAG)
+        self.engine.save_checkpoint(str(deepspeed_dir(directory)), tag=DEEPSPEED_TAG)
 
     def load(self, state: dict[str, Any], directory: Path) -> None:
-        source = self.universal if self.universal is not None else directory / DEEPSPEED_SUBDIR
+        source = self.universal if self.universal is not None else deepspeed_dir(directory)
         path, _ = self.engine.load_checkpoint(
             str(source), tag=DEEPSPEED_TAG,
             load_optimizer_states=True, load_lr_scheduler_states=True,

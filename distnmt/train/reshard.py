@@ -15,7 +15,6 @@ ZeRO-3 run refuses to change its world size instead.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -25,26 +24,18 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from distnmt.checkpoint import DEEPSPEED_TAG, deepspeed_dir, saved_world_size
+
 UNIVERSAL_DIR = "universal"  # <run_dir>/universal/<checkpoint name>/: converted copies, removed once loaded
 
 
-def saved_world_size(checkpoint: Path) -> Optional[int]:
-    """The number of ranks that wrote ``checkpoint`` (meta.json), or None if it does not say."""
-    try:
-        meta = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return int(meta["world_size"]) if "world_size" in meta else None
-
-
-def universal_for(checkpoint: Path, ds_subdir: str, tag: str, stage: int, world: int, run_dir: Path,
-                  rank: int, say=print) -> Optional[Path]:
+def universal_for(checkpoint: Path, stage: int, world: int, run_dir: Path, rank: int, say=print) -> Optional[Path]:
     """A universal copy of ``checkpoint``'s DeepSpeed state when ``world`` differs from its writers'.
 
     None when the world size is the same (load the checkpoint as it is), or for
     stage 0, whose optimizer state is not partitioned. Rank 0 converts (once: a
     finished conversion is reused by a restarted group) while the others wait at a
-    barrier; every rank then loads from the returned directory, which has ``tag``.
+    barrier; every rank then loads from the returned directory, which has DEEPSPEED_TAG.
     """
     saved = saved_world_size(checkpoint)
     if saved is None or saved == world or stage == 0:
@@ -57,7 +48,7 @@ def universal_for(checkpoint: Path, ds_subdir: str, tag: str, stage: int, world:
     out = run_dir / UNIVERSAL_DIR / checkpoint.name
     if rank == 0 and not (out / "done").exists():
         started = time.time()
-        _convert(checkpoint / ds_subdir / tag, out, tag)
+        _convert(deepspeed_dir(checkpoint) / DEEPSPEED_TAG, out, DEEPSPEED_TAG)
         say(f"[train] {checkpoint.name}: ZeRO-{stage} state of {saved} rank(s) converted to a universal "
             f"checkpoint for {world} rank(s) in {time.time() - started:.1f} s")
     if dist.is_available() and dist.is_initialized():

@@ -100,8 +100,8 @@ def two_nodes() -> Iterator[RayNodes]:
         yield RayNodes(state, driver_env)
     finally:
         stopped = run_command([str(LAUNCH / "stop-head.sh")], env, 120)
-        left = run_command([PYTHON, str(LAUNCH / "localray.py"), "pids", "--marker", marker, "--temp-dir", f"{state}/"],
-                    env, 60).stdout.split() if marker else []
+        left = run_command([PYTHON, "-m", "distnmt.cli", "cluster", "pids", "--marker", marker, "--temp-dir",
+                            f"{state}/"], env, 60).stdout.split() if marker else []
         shutil.rmtree(state.parent, ignore_errors=True)
         assert stopped.returncode == 0, stopped.stderr
         assert left == [], f"processes of the test's Ray nodes still alive: {left}"

@@ -127,7 +127,7 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
               timeout=GRACE_S)
         # ... and at the deadline the instance goes, processes and all.
         time.sleep(max(0.0, drained_at + GRACE_S - 1 - time.time()))
-        gone = two_nodes.run([two_nodes.python, str(LAUNCH / "localray.py"), "stop", "--temp-dir",
+        gone = two_nodes.run([two_nodes.python, "-m", "distnmt.cli", "cluster", "stop", "--temp-dir",
                               f"{two_nodes.state}/node-1/", "--grace", "1"], 120)
         assert gone.returncode == 0, gone.stderr
         _wait("1 worker training", lambda: any(m["world_size"] == 1 for m in _metrics(run_dir)), proc, log)

@@ -18,11 +18,11 @@ import pytest
 import ray
 
 from distnmt.config import load_config
-from distnmt.evaluate.evaluator import SLOWDOWN_ENV
+from distnmt.evaluate.score import SLOWDOWN_ENV
 
 pytestmark = pytest.mark.integration
 
-NAMESPACE = "distnmt"  # distnmt.train.driver.NAMESPACE (not imported: collecting must not need train/)
+NAMESPACE = "distnmt"  # distnmt.orchestrate.NAMESPACE (not imported: collecting must not need train/)
 TINY = [
     "model.embed_size=32", "model.hidden_size=48", "model.align_size=48", "model.maxout_size=32",
     "data.max_len=30", "data.max_tokens=600", "data.vocab_size=800",
@@ -45,9 +45,11 @@ def local_ray() -> Iterator[None]:
     settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", SLOWDOWN_ENV: "2"}
     previous = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
-    ray.init(address="local", namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
+    from distnmt.cluster import start_local
+
+    local_ray = start_local()  # loopback, as every local cluster distnmt starts
     yield
-    ray.shutdown()
+    local_ray.stop()
     for key, value in previous.items():
         if value is None:
             os.environ.pop(key, None)
@@ -56,7 +58,7 @@ def local_ray() -> Iterator[None]:
 
 
 def _train(prepared: Path, storage: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     cfg = load_config(None, TINY + overrides + [
         f"data.prepared_dir={prepared}", f"train.storage_path={storage}", f"train.name={name}",
@@ -140,7 +142,7 @@ def test_killing_the_evaluator_mid_decode_loses_no_score(local_ray: None, prepar
     persisted = [r for r in _lines(run_dir / "eval" / "dev.jsonl") if r["origin"] == "training"]
     # Every reported checkpoint has its score, exactly once, though one decode was cut short.
     assert sorted(r["checkpoint"] for r in persisted) == checkpoints
-    assert sorted(r["checkpoint"] for r in records) == checkpoints
+    assert sorted(r.checkpoint for r in records) == checkpoints
     # The one being decoded when the actor died was scored by its successor.
     victim = next(r for r in persisted if r["checkpoint"] == killer.killed["decoding"])
     assert victim["evaluator_pid"] != killer.killed["pid"]

@@ -60,7 +60,7 @@ PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() 
 
 
 def _cluster_pids(state: Path, marker: str, env: dict[str, str]) -> list[int]:
-    out = _run([PYTHON, str(LAUNCH / "localray.py"), "pids", "--marker", marker, "--temp-dir", f"{state}/"], env, 60)
+    out = _run([PYTHON, "-m", "distnmt.cli", "cluster", "pids", "--marker", marker, "--temp-dir", f"{state}/"], env, 60)
     return [int(p) for p in out.stdout.split()]
 
 
@@ -69,6 +69,7 @@ class Head:
     state: Path                # DISTNMT_RAY_STATE of the test's cluster
     env: dict[str, str]        # environment for the launch/ scripts
     api_env: dict[str, str]    # plus what a Ray client needs: job server URL, token auth
+    gcs_address: str = ""      # the head's GCS (host:port)
 
     def job(self, expression: str, job_id: str) -> str:
         """``expression`` on JobSubmissionClient ``c`` in a fresh process (Ray reads the
@@ -107,7 +108,7 @@ def head() -> Iterator[Head]:
         assert (state / "auth_token").stat().st_mode & 0o077 == 0
         api_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "auth_token"),
                    "RAY_API_SERVER_ADDRESS": cluster["DASHBOARD_URL"]}
-        yield Head(state, env, api_env)
+        yield Head(state, env, api_env, cluster["GCS_ADDRESS"])
     finally:
         stopped = _run([str(LAUNCH / "stop-head.sh")], env, 120)
         left = _cluster_pids(state, marker, env) if marker else []
@@ -217,3 +218,36 @@ def test_cluster_job_entrypoint_prepares_to_shared_storage_then_trains(head: Hea
     logs = _run([str(LAUNCH / "logs.sh"), "dnt-job-3"], head.env, 60)
     assert logs.returncode == 0, logs.stderr[-2000:]
     assert "checkpoint_00000020: BLEU|" in logs.stdout and "SUCCEEDED" in logs.stderr
+
+
+def test_a_job_and_a_local_run_side_by_side(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
+    """Two clusters on one machine: a job on the head and a local `distnmt train` beside it.
+    Each run's processes know their own cluster's address, so Ray Train's placement-group
+    cleaner (which asks the state API) finds it: no traceback, no "multiple active Ray
+    instances", and every placement group of the job's cluster is released."""
+    small = TINY + ["train.workers=1", "train.max_steps=10", "train.checkpoint_every=10",
+                    f"data.prepared_dir={tiny_prepared}"]
+    submit = _run([str(LAUNCH / "submit.sh"), "--no-wait", "--id", "dnt-job-4", "configs/quickstart.yaml",
+                   *_sets(small + [f"train.storage_path={tmp_path / 'job'}", "train.name=job"])], head.env, 120)
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    local_env = {k: v for k, v in head.env.items() if k not in {"DISTNMT_RAY_STATE"}}
+    local = _run([PYTHON, "-m", "distnmt.cli", "train", "--config", "configs/quickstart.yaml",
+                  *_sets(small + [f"train.storage_path={tmp_path / 'local'}", "train.name=local"])], local_env, 300)
+    local_out = local.stdout + local.stderr
+    assert local.returncode == 0, local_out[-4000:]
+    deadline = time.time() + 240
+    while head.job("c.get_job_status(job).value", "dnt-job-4") not in {"SUCCEEDED", "FAILED", "STOPPED"}:
+        assert time.time() < deadline, "the job did not end"
+        time.sleep(2)
+    job_out = head.job("c.get_job_logs(job)", "dnt-job-4")
+    assert head.job("c.get_job_status(job).value", "dnt-job-4") == "SUCCEEDED", job_out[-4000:]
+    for name, text in (("job", job_out), ("local run", local_out)):
+        assert "multiple active Ray instances" not in text, f"{name}: {text[-4000:]}"
+        assert "Traceback" not in text, f"{name}: {text[-4000:]}"
+        assert "checkpoint_00000010: BLEU|" in text, f"{name}: {text[-4000:]}"
+    # The state API of the job's cluster, asked from outside: no placement group left.
+    code = ("from ray.util.state import list_placement_groups; "
+            "print(sorted({str(g.state) for g in list_placement_groups(detail=True)}))")
+    groups = _run([PYTHON, "-c", code], {**head.api_env, "RAY_ADDRESS": head.gcs_address}, 60)
+    assert groups.returncode == 0, groups.stderr[-2000:]
+    assert groups.stdout.strip() in ("['REMOVED']", "[]"), groups.stdout

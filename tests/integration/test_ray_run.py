@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_workers_train_while_the_evaluator_scores(tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     # Ray Train's controller polls every 2 s by default, which is long next to
     # this tiny run; the local cluster inherits this from the test's process.
@@ -30,7 +30,7 @@ def test_two_workers_train_while_the_evaluator_scores(tiny_config, tmp_path: Pat
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert [p.name for p in checkpoints] == ["checkpoint_00000050", "checkpoint_00000100", "checkpoint_00000150"]
     # Every checkpoint was scored by the evaluator, and the scores are persisted.
-    assert sorted(r["step"] for r in records) == [50, 100, 150]
+    assert sorted(r.step for r in records) == [50, 100, 150]
     persisted = [json.loads(line) for line in (run_dir / "eval" / "dev.jsonl").read_text().splitlines()]
     assert sorted(r["checkpoint"] for r in persisted) == [p.name for p in checkpoints]
     for record in persisted:

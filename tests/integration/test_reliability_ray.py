@@ -1,7 +1,9 @@
 """Faults a cluster run meets, with real Ray, real worker processes and real signals
-(issue 9): a loss that turns NaN; the driver stopped (SIGTERM, then SIGKILL) and
-run again, the rerun surviving a DeepSpeed worker SIGKILLed mid-step. The DDP
-worker kill is in test_distributed.py, the evaluator kill in test_evaluator_ray.py."""
+(issue 9): the driver stopped (SIGTERM, then SIGKILL) and run again, the rerun
+surviving a DeepSpeed worker SIGKILLed mid-step. The DDP worker kill is in
+test_distributed.py, the evaluator kill in test_evaluator_ray.py; a loss that stays
+NaN (DDP and DeepSpeed, and the driver's one-line error) needs no cluster and is in
+tests/test_trainer.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-import torch
 import yaml
 
 from distnmt.checkpoint import checkpoint_step, load_checkpoint, newest_valid_checkpoint
@@ -27,38 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
-
-
-def test_a_loss_that_stays_nan_stops_the_run_with_its_last_good_checkpoint(
-    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from distnmt.train.driver import TrainingError, run_training
-
-    # Step 4 alone is NaN (skipped; training goes on), then every step from 9 on.
-    monkeypatch.setenv("DISTNMT_FAULT_NAN", "4,9-")
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    cfg = tiny_config(tmp_path, "nan", "train.max_steps=30", "train.checkpoint_every=5",
-                      "train.max_nonfinite_steps=3", "eval.max_sentences=5", "train.max_failures=1",
-                      "eval.test_at_end=false", "eval.figures=false")
-    with pytest.raises(TrainingError) as info:
-        run_training(cfg)
-    message = str(info.value)
-    run_dir = tmp_path / "nan"
-    assert message == (
-        "training stopped at step 11: loss or gradients non-finite for 3 consecutive steps "
-        "(train.max_nonfinite_steps=3); try a lower optim.lr or bf16 instead of fp16; "
-        f"last good checkpoint: {run_dir / 'checkpoint_00000005'}"
-    )
-    # Checkpoint 5 came after the skipped NaN step 4, so its weights are finite; at step 10
-    # (in the NaN streak) no checkpoint was written; Ray did not retry a deliberate stop.
-    assert _checkpoints(run_dir) == ["checkpoint_00000005"]
-    weights = load_checkpoint(run_dir / "checkpoint_00000005").state["model"]
-    assert all(torch.isfinite(w).all() for w in weights.values())
-    # The CLI prints it as one line and exits 1 (what `distnmt train` does with TrainingError).
-    from distnmt.cli import main
-
-    monkeypatch.setattr("distnmt.train.driver.run_training", lambda cfg: (_ for _ in ()).throw(info.value))
-    assert main(["train"]) == 1
 
 
 # ------------------------------------------------------------------ the driver

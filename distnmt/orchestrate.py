@@ -1,8 +1,15 @@
-"""The driver: connect to Ray, start the evaluator actor, run the TorchTrainer.
+"""Orchestration: start Ray, the evaluator actor and the trainer; the end-of-run score.
 
-``distnmt train`` and ``ray job submit -- distnmt train`` both end up here.
-Ray is started locally unless an address is given (``train.ray_address`` or
-the RAY_ADDRESS variable that ``ray job submit`` sets).
+This layer sits above train/ and evaluate/ (which never import each other):
+``distnmt train`` and ``ray job submit -- distnmt train`` both end up in
+:func:`run_training`. Ray is started locally unless an address is given
+(``train.ray_address`` or the RAY_ADDRESS variable that ``ray job submit`` sets).
+
+``train.workers: 0`` is Ray Train's local mode (``ScalingConfig(num_workers=0)``):
+no Ray cluster at all, the training function runs in this process with the same
+``ray.train`` calls, for debugging with a debugger or a profiler. The evaluator then
+runs in this process too and scores the run's checkpoints after training (no early
+stopping, no keep_checkpoints pruning, no worker restarts: those need the cluster).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray
+import ray.train
 from ray.train import (
     CheckpointConfig,
     FailureConfig,
@@ -28,13 +36,21 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from distnmt.checkpoint import check_same_model, check_vocab, newest_valid_checkpoint, read_meta
+from distnmt.checkpoint import (
+    check_same_model,
+    check_vocab,
+    list_checkpoints,
+    newest_valid_checkpoint,
+    nonfinite_path,
+    read_meta,
+)
 from distnmt.config import Config, ConfigError
 from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.evaluator import Evaluator
 from distnmt.evaluate.hook import score_with_evaluator
+from distnmt.evaluate.records import FinalReport, ScoreRecord
 from distnmt.train.engine import deepspeed_config, zero_stage
-from distnmt.train.loop import NONFINITE_FILE, train_loop_per_worker
+from distnmt.train.loop import train_loop_per_worker
 
 NAMESPACE = "distnmt"
 
@@ -69,20 +85,6 @@ def check_elastic(cfg: Config) -> None:
         )
 
 
-def init_ray(cfg: Config) -> bool:
-    """Join the given cluster or start a local one; True if we started (and must stop) it."""
-    if ray.is_initialized():
-        return False
-    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace=NAMESPACE)
-        return True  # disconnect only; a joined cluster keeps running
-    # address="local": a new cluster even when `ray start` runs on this machine (plain
-    # ray.init() would join that one). Dashboard on loopback only, never 0.0.0.0.
-    ray.init(address="local", namespace=NAMESPACE, dashboard_host="127.0.0.1", include_dashboard=True)
-    return True
-
-
 def start_evaluator(cfg: Config, run_dir: Path) -> tuple[Any, str]:
     """The evaluator actor, with its own resources, restarted by Ray if it dies."""
     # The run directory in the name: two runs called alike in different storage
@@ -100,6 +102,17 @@ def start_evaluator(cfg: Config, run_dir: Path) -> tuple[Any, str]:
     return actor, name
 
 
+def build_local_trainer(cfg: Config, run_dir: Path) -> TorchTrainer:
+    """Ray Train's local mode: the training function in this process, no cluster."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "evaluator": None,
+                           "namespace": None, "local": True},
+        scaling_config=ScalingConfig(num_workers=0),
+        run_config=RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path),
+    )
+
+
 def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrainer:
     """Ray Train's TorchTrainer with our loop, resources, storage and evaluator hook."""
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -107,7 +120,8 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "evaluator": evaluator_name, "namespace": NAMESPACE},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "evaluator": evaluator_name,
+                           "namespace": NAMESPACE, "local": False},
         scaling_config=ScalingConfig(
             # [min, max]: Ray's elastic policy starts with what the cluster can hold (at
             # least min), restarts on fewer workers when a node is lost, and grows the
@@ -135,50 +149,81 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
     )
 
 
-def run_training(cfg: Config) -> list[dict[str, Any]]:
+def run_training(cfg: Config) -> list[ScoreRecord]:
     """Train, have every checkpoint scored, print the final BLEU line; return the scores."""
     cfg = resolve_paths(cfg)
     manifest = PreparedData.from_config(cfg.data).manifest  # fail here, clearly, if `prepare` was not run
     check_elastic(cfg)
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     preflight(cfg, run_dir, manifest)
+    if cfg.train.local_mode:
+        return run_local(cfg, run_dir)
     started = time.time()
-    owns_ray = init_ray(cfg)
+    # Joins the given cluster or starts a local loopback one; routes Ray's log lines.
+    from distnmt.cluster import start_or_join
+
+    ray_handle = start_or_join(cfg, run_dir) if not ray.is_initialized() else None
     # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
     previous_handler = _stop_on_sigterm()
     evaluator = None
     try:
         print(f"[distnmt] Ray ready in {time.time() - started:.1f} s; run directory {run_dir}", flush=True)
+        if ray_handle is not None and ray_handle.log_path is not None:
+            print(f"[distnmt] Ray's informational lines: {ray_handle.log_path}"
+                  + ("" if cfg.logging.ray == "info" else " (logging.ray: info shows them here too)"), flush=True)
         evaluator, evaluator_name = start_evaluator(cfg, run_dir)
         info = ray.get(evaluator.ready.remote())
         print(f"[distnmt] evaluator ready: {info['sentences']} {info['split']} sentences, beam {cfg.eval.beam_size}", flush=True)
         fit_started = time.time()
-        (run_dir / NONFINITE_FILE).unlink(missing_ok=True)  # from an earlier attempt of this run
+        nonfinite_path(run_dir).unlink(missing_ok=True)  # from an earlier attempt of this run
         build_trainer(cfg, run_dir, evaluator_name).fit()
         # Scores still pending were awaited by fit(); finalize does the end-of-run work
         # (e.g. the best checkpoint on the test set) and returns every record.
         records = ray.get(evaluator.finalize.remote())
         _report_final(ray.get(evaluator.final.remote()), run_dir)
         # Last, so that the run ends with the dev BLEU line (signature included).
-        _summarize([r for r in records if r["split"] == "dev"], time.time() - fit_started)
-        if (run_dir / NONFINITE_FILE).exists():
-            stopped = json.loads((run_dir / NONFINITE_FILE).read_text(encoding="utf-8"))
-            raise TrainingError(f"{stopped['message']}; last good checkpoint: {newest_valid_checkpoint(run_dir) or 'none'}")
+        _summarize([r for r in records if r.split == "dev"], time.time() - fit_started)
+        _raise_if_nonfinite(run_dir)
         return records
     finally:
         if evaluator is not None:
             ray.kill(evaluator)  # on a shared cluster it would otherwise outlive the run
-        if owns_ray:
-            ray.shutdown()
+        if ray_handle is not None:
+            ray_handle.stop()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def run_local(cfg: Config, run_dir: Path) -> list[ScoreRecord]:
+    """``train.workers: 0``: train in this process (Ray Train's local mode), then score
+    the run's checkpoints here with the evaluator's own class, and close as a cluster run does."""
+    started = time.time()
+    nonfinite_path(run_dir).unlink(missing_ok=True)
+    build_local_trainer(cfg, run_dir).fit()
+    evaluator = Evaluator(cfg.to_dict(), cfg.data.prepared_dir, str(run_dir))
+    for checkpoint in list_checkpoints(run_dir):
+        # What Ray's validation hook hands the actor in a cluster run (eval.policy applies).
+        evaluator.score_checkpoint(ray.train.Checkpoint.from_directory(str(checkpoint)))
+    records = evaluator.finalize()
+    _report_final(evaluator.final(), run_dir)
+    _summarize([r for r in records if r.split == "dev"], time.time() - started)
+    _raise_if_nonfinite(run_dir)
+    return records
+
+
+def _raise_if_nonfinite(run_dir: Path) -> None:
+    """Training stopped on a non-finite loss: one line naming the last good checkpoint."""
+    path = nonfinite_path(run_dir)
+    if path.exists():
+        stopped = json.loads(path.read_text(encoding="utf-8"))
+        raise TrainingError(f"{stopped['message']}; last good checkpoint: {newest_valid_checkpoint(run_dir) or 'none'}")
 
 
 def preflight(cfg: Config, run_dir: Path, manifest: dict[str, Any]) -> None:
     """Checks that need no cluster, so that a mistake costs a second and one line, not a
     worker's traceback: the DeepSpeed JSON, GPUs, and the checkpoint a rerun would resume."""
     if cfg.train.backend == "deepspeed":
-        deepspeed_config(cfg, cfg.train.workers)  # ZeRO stage, keys contradicting the YAML
+        deepspeed_config(cfg, cfg.train.max_workers)  # ZeRO stage, keys contradicting the YAML
     local = not (cfg.train.ray_address or os.environ.get("RAY_ADDRESS"))
     if local:  # a joined cluster's GPUs are on its nodes, not necessarily here
         import torch
@@ -207,25 +252,25 @@ def _stop_on_sigterm() -> Optional[Any]:
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
-def _report_final(final: dict[str, Any], run_dir: Path) -> None:
+def _report_final(final: FinalReport, run_dir: Path) -> None:
     """Why training ended, the best checkpoint on the test set, where the figures are."""
-    if final.get("stop_reason"):
-        print(f"[distnmt] training stopped early: {final['stop_reason']}", flush=True)
-    if final.get("figures"):
-        print(f"[distnmt] figures: {', '.join(str(run_dir / f) for f in final['figures'])}", flush=True)
-    if final.get("test"):
-        test = final["test"]
-        print(f"[distnmt] {test['test_set']} {test['checkpoint']} (best by dev BLEU): {test['bleu_line']}", flush=True)
+    if final.stop_reason:
+        print(f"[distnmt] training stopped early: {final.stop_reason}", flush=True)
+    if final.figures:
+        print(f"[distnmt] figures: {', '.join(str(run_dir / f) for f in final.figures)}", flush=True)
+    if final.test:
+        test = final.test
+        print(f"[distnmt] {test.test_set} {test.checkpoint} (best by dev BLEU): {test.bleu_line}", flush=True)
 
 
-def _summarize(records: list[dict[str, Any]], seconds: float) -> None:
+def _summarize(records: list[ScoreRecord], seconds: float) -> None:
     """The closing lines: every score, then the newest checkpoint's BLEU line."""
     print(f"[distnmt] training and evaluation took {seconds:.1f} s; {len(records)} checkpoint(s) scored", flush=True)
     if not records:
         return
-    for record in sorted(records, key=lambda r: r["step"]):
-        print(f"[distnmt]   step {record['step']:>7}: BLEU {record['bleu']:.2f}  chrF {record['chrf']:.2f}  ({record['checkpoint']})")
-    best = max(records, key=lambda r: r["bleu"])
-    last = max(records, key=lambda r: r["step"])
-    print(f"[distnmt] best: {best['checkpoint']} BLEU {best['bleu']:.2f}")
-    print(f"{last['test_set']} {last['checkpoint']}: {last['bleu_line']}", flush=True)
+    for record in sorted(records, key=lambda r: r.step):
+        print(f"[distnmt]   step {record.step:>7}: BLEU {record.bleu:.2f}  chrF {record.chrf:.2f}  ({record.checkpoint})")
+    best = max(records, key=lambda r: r.bleu)
+    last = max(records, key=lambda r: r.step)
+    print(f"[distnmt] best: {best.checkpoint} BLEU {best.bleu:.2f}")
+    print(f"{last.test_set} {last.checkpoint}: {last.bleu_line}", flush=True)

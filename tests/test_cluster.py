@@ -1,0 +1,99 @@
+"""distnmt/cluster.py without Ray: the console's line filter, process-tree memory
+(PSS against summed RSS), listening sockets from /proc, and the run's address
+(the runs themselves are in tests/integration/test_local_run.py and test_job_submit.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distnmt.cluster import (
+    _decode_address,
+    is_loopback,
+    is_ray_info,
+    listening_sockets,
+    process_tree,
+    tree_memory,
+)
+
+
+@pytest.mark.parametrize("line", [
+    "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/tmp/r/checkpoint_00000010)",
+    "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(...), metrics={'loss': 4.1}, validation_spec=...)",
+    "Launched async validation task for checkpoint Checkpoint(filesystem=local, path=/tmp/r/checkpoint_00000010)",
+    "Running validations for checkpoint(s): [].",
+    "Staged validations for checkpoint(s): [].",
+    "Setting up process group for: env:// [rank=0, world_size=2]",
+])
+def test_ray_train_informational_lines_are_held_back(line: str) -> None:
+    assert is_ray_info(line, is_err=True)
+
+
+@pytest.mark.parametrize("line", [
+    "Warning: The following resource request cannot be scheduled right now: {'CPU': 1.0}.",
+    "[Gang scheduling] Training worker group failed to start: worker group startup timed out",
+    "Traceback (most recent call last):",
+    '  File "/x/loop.py", line 3, in train',
+    "ValueError: bad value",
+    "UserWarning: TypedStorage is deprecated",
+    "A worker died or was killed while executing a task by an unexpected system error.",
+])
+def test_warnings_errors_and_tracebacks_reach_the_console(line: str) -> None:
+    assert not is_ray_info(line, is_err=True)
+
+
+def test_stdout_is_never_held_back() -> None:
+    """distnmt's own lines ([train], [evaluator]) are written to stdout."""
+    assert not is_ray_info("[train] step 10/20 epoch 1 | loss 5.1", is_err=False)
+    assert not is_ray_info("Running validations for checkpoint(s): []", is_err=False)
+
+
+def test_pss_counts_shared_pages_once_where_summed_rss_counts_them_twice() -> None:
+    """A parent that touched 200 MiB, then forked: both map the same pages
+    (copy-on-write), so the summed RSS is about 400 MiB, the PSS about 200 and
+    the USS (private pages) small."""
+    code = ("import os, time; x = bytearray(200 * 2**20); x[::4096] = b'\\x01' * len(x[::4096]); "
+            "pid = os.fork(); print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        deadline = time.time() + 20
+        while len(process_tree(proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        memory = tree_memory(process_tree(proc.pid))
+        assert memory["processes"] == 2
+        assert memory["rss"] > 390, memory
+        assert 195 < memory["pss"] < memory["rss"] - 150, memory
+        assert memory["uss"] < 100, memory
+    finally:
+        for pid in reversed(process_tree(proc.pid)):
+            os.kill(pid, 9)
+        proc.wait()
+
+
+def test_listening_sockets_are_found_with_their_address() -> None:
+    loop, anywhere = socket.socket(), socket.socket()
+    try:
+        loop.bind(("127.0.0.1", 0))
+        anywhere.bind(("0.0.0.0", 0))
+        loop.listen()
+        anywhere.listen()
+        found = {(address, port) for pid, address, port in listening_sockets([os.getpid()])}
+        assert ("127.0.0.1", loop.getsockname()[1]) in found
+        assert ("0.0.0.0", anywhere.getsockname()[1]) in found
+        assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+        assert not is_loopback("::") and not is_loopback("10.1.2.3")
+    finally:
+        loop.close()
+        anywhere.close()
+
+
+def test_proc_net_addresses_decode() -> None:
+    assert _decode_address("0100007F") == "127.0.0.1"
+    assert _decode_address("00000000000000000000000001000000") == "::1"
+    assert _decode_address("00000000000000000000000000000000") == "::"
