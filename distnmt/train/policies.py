@@ -32,7 +32,7 @@ def agree(finite: bool | torch.Tensor, out_of_time: bool, rank: int, device: tor
     device): the flags are then built on the device and the only host read is the
     result. On the training device: NCCL reduces GPU tensors only.
     """
-    bad = torch.logical_not(torch.as_tensor(finite, device=device)).to(torch.int32).reshape(1)
+    bad = torch.logical_not(torch.as_tensor(finite).to(device)).to(torch.int32).reshape(1)
     late = torch.tensor([1 if rank == 0 and out_of_time else 0], dtype=torch.int32, device=device)
     flags = torch.cat([bad, late])
     if dist.is_available() and dist.is_initialized():

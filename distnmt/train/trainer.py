@@ -95,8 +95,10 @@ class Meter:
         self.started = time.time()
 
     def add(self, stats: StepStats) -> None:
-        for i, value in enumerate((stats.loss_sum, stats.tokens, stats.padded_tokens)):
-            self.sums[i] = self.sums[i] + value  # a float, or a device tensor: no host read
+        # The loss stays a device tensor (StepStats.loss_sum_t): adding it reads nothing back;
+        # the token counts were made on the host at collate time.
+        for i, value in enumerate((stats.loss_sum_t, stats.tokens, stats.padded_tokens)):
+            self.sums[i] = self.sums[i] + value
         self.steps += 1
 
     def read(self) -> dict[str, float]:
@@ -243,7 +245,7 @@ class Trainer:
                 if batch_log is not None:
                     self._log_batches(batch_log, group)
 
-                facts = agree(stats.finite, self.budget.spent(), self.rank, self.device)
+                facts = agree(stats.finite_t, self.budget.spent(), self.rank, self.device)
                 if self.streak.update(facts.nonfinite) and self.rank == 0:
                     say(f"[train] step {self.step}: non-finite loss or gradient, update skipped "
                         f"({self.streak.streak} in a row)")
