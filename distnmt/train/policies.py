@@ -89,14 +89,15 @@ class PreemptionWatch:
 
 @dataclass
 class CheckpointPolicy:
-    """A checkpoint every ``every`` steps, at the last step, and before any stop that
-    is not a failure (time budget spent, preemption notice)."""
+    """A checkpoint every ``every`` steps, at the last step (train.max_steps, or the
+    last batch of train.max_epochs), and before any stop that is not a failure (time
+    budget spent, preemption notice)."""
 
     every: int      # train.checkpoint_every
     max_steps: int  # train.max_steps
 
-    def due(self, step: int, out_of_time: bool = False, preempted: bool = False) -> bool:
-        return step % self.every == 0 or step >= self.max_steps or out_of_time or preempted
+    def due(self, step: int, out_of_time: bool = False, preempted: bool = False, last: bool = False) -> bool:
+        return step % self.every == 0 or step >= self.max_steps or out_of_time or preempted or last
 
 
 @dataclass

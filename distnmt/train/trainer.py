@@ -230,8 +230,9 @@ class Trainer:
         meter = Meter(self.device)
         loader = Prefetcher(step_groups(self.sampler, self.accumulate, self.epoch, self.cfg.train.max_epochs),
                             self.src, self.tgt, self.device)
-        group = loader.next() if self.step < self.cfg.train.max_steps else None
-        reason = None if group is not None else f"train.max_steps={self.cfg.train.max_steps} reached"
+        done = self.step >= self.cfg.train.max_steps  # a rerun of a finished run trains nothing
+        group = None if done else loader.next()
+        reason = f"train.max_steps={self.cfg.train.max_steps} reached" if done else None
         self.budget.start()
         try:
             while group is not None and reason is None:
@@ -257,7 +258,8 @@ class Trainer:
                     self._report_nonfinite()
                     break
                 preempted = self._preempted()
-                if self.checkpoints.due(self.step, facts.out_of_time, preempted) and self._checkpointable():
+                last = upcoming is None  # train.max_epochs: no batch left
+                if self.checkpoints.due(self.step, facts.out_of_time, preempted, last) and self._checkpointable():
                     self.save(wandb_run.id if wandb_run is not None else self.wandb_id)
                     reason = self.session.stop_reason() or reason
                 group = upcoming
