@@ -51,7 +51,9 @@ from distnmt.data.prepared import MANIFEST_VERSION, PreparedData, Split, load_ma
 from distnmt.data.sgml import read_sgml_parallel
 from distnmt.data.shards import TokenArrayWriter, ids_path, offsets_path, write_shard_index
 from distnmt.io import atomic_open, write_text
-from distnmt.data.sources import REGISTRY, Registry
+from distnmt.config import CorpusFiles
+from distnmt.data import custom
+from distnmt.data.sources import REGISTRY, Registry, registry_for
 from distnmt.data.stages import (
     CleanTask, EncodeTask, SampleTask, SpmTask, Workers, clean_shard, default_workers, encode_shard, in_child,
     init_encoder, make_key, read_stamp, sample_keys, sample_shard, train_models, write_stamp,
@@ -401,15 +403,8 @@ def _encode_stage(run: _Run, shards: list[_Shard], tokenizers: dict[str, Tokeniz
 
 
 def _read_eval_pair(src: Path, ref: Path) -> tuple[list[str], list[str]]:
-    """Source and reference lines: SGML matched by ids, plain text by line (same count)."""
-    if src.suffix == ".sgm" and ref.suffix == ".sgm":
-        return read_sgml_parallel(src, ref)
-    src_lines, ref_lines = read_lines(src), read_lines(ref)
-    if len(src_lines) != len(ref_lines):
-        shorter, other = (src, ref) if len(src_lines) < len(ref_lines) else (ref, src)
-        n, m = sorted((len(src_lines), len(ref_lines)))
-        raise DataError.at(shorter, None, f"has {n} lines but {other} has {m}")
-    return src_lines, ref_lines
+    """Source and reference lines: SGML (detected by content) matched by ids, plain text by line (same count)."""
+    return custom.read_eval_pair(src, ref)
 
 
 def _write_text_atomic(path: Path, lines: list[str]) -> None:
@@ -510,12 +505,15 @@ def prepare(
     test_set: Optional[str] = None,
     cache_dir: Optional[Path] = None,
     verify_checksums: bool = True,
-    registry: Registry = REGISTRY,
+    registry: Optional[Registry] = None,
     rules: Optional[CleanRules] = None,
     joint_vocab: bool = False,
     spm_sample_pairs: int = 1_000_000,
     shard_size: int = 100_000,
     workers: Optional[int] = None,
+    corpora: Optional[Sequence[CorpusFiles]] = None,
+    dev: Optional[CorpusFiles] = None,
+    test: Optional[CorpusFiles] = None,
 ) -> PrepareResult:
     """Build everything training and evaluation read from ``out_dir`` (see the module docstring).
 
@@ -524,7 +522,9 @@ def prepare(
     data comes from the registry ``parts`` (or a ``preset``); with neither, from
     ``{source_dir}/{train_prefix}.{lang}[.gz]``. Dev and test come from the registry
     eval sets ``dev_sets`` (concatenated) and ``test_set``, or else from
-    ``dev_prefix`` (plain text) and ``test_src``/``test_ref``.
+    ``dev_prefix`` (plain text) and ``test_src``/``test_ref``. With ``corpora``, ``dev``
+    and ``test`` (a user's own files, :mod:`distnmt.data.custom`), from those instead.
+    ``registry`` defaults to the one of the language pair (:func:`registry_for`).
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -545,28 +545,42 @@ def prepare(
     langs = (src_lang, tgt_lang)
 
     # ---- 1. sources: everything is located (or downloaded) before any output is touched.
+    # A user's own files (issue 17): checked here, TSVs split once the work dir exists.
+    own = custom.locate(corpora, dev, test, langs, mirror) if corpora is not None else None
     registry_mode = parts is not None or preset is not None
+    if registry is None:
+        registry = registry_for(src_lang, tgt_lang) if (registry_mode or dev_sets or test_set) else REGISTRY
+    if registry_mode or dev_sets or test_set:
+        registry.check_langs(src_lang, tgt_lang)
     part_list = registry.resolve_parts(preset, parts) if registry_mode else []
     eval_items = [registry.eval_set(n) for n in (dev_sets or [])] + ([registry.eval_set(test_set)] if test_set else [])
-    if mirror is None and not registry_mode:
+    if mirror is None and not registry_mode and own is None:
         raise DataError("data.source_dir is null (download), which needs data.preset or data.parts")
     fetcher = Fetcher(mirror, Path(cache_dir) if cache_dir is not None else PreparedData(out_dir).default_cache_dir, registry,
                       src_lang, tgt_lang, verify=verify_checksums, progress=progress)
     t0 = time.monotonic()
     located = fetcher.fetch([*part_list, *eval_items]) if (part_list or eval_items) else {}
-    if registry_mode:
+    if own is not None:
+        train_parts = []  # after custom.materialize, below
+    elif registry_mode:
         train_parts = [(p.name, *located[p.name]) for p in part_list]
     else:
         assert mirror is not None
         train_parts = [("train", _train_file(mirror, train_prefix, src_lang), _train_file(mirror, train_prefix, tgt_lang))]
-    if mirror is None and not (dev_sets and test_set):
+    if own is not None:
+        dev_files, test_files = [], []  # after custom.materialize, below
+    elif mirror is None and not (dev_sets and test_set):
         raise DataError("data.source_dir is null (download), which needs data.dev_sets and data.test_set")
-    if dev_sets:
+    if own is not None:
+        pass
+    elif dev_sets:
         dev_files = [located[n] for n in dev_sets]
     else:
         assert mirror is not None
         dev_files = [(_existing(mirror / f"{dev_prefix}.{src_lang}"), _existing(mirror / f"{dev_prefix}.{tgt_lang}"))]
-    if test_set:
+    if own is not None:
+        pass
+    elif test_set:
         test_files = [located[test_set]]
     else:
         assert mirror is not None
@@ -578,6 +592,11 @@ def prepare(
     prepared.manifest_path.unlink(missing_ok=True)
     run = _Run(prepared, langs, rules, workers or default_workers(), progress, seed)
     run.work.mkdir(parents=True, exist_ok=True)
+    if own is not None:  # a TSV becomes the two files the stages read
+        custom.materialize(own, run.work, langs)
+        train_parts = [(c.name, c.src, c.tgt) for c in own.corpora]  # type: ignore[misc]
+        dev_files = [(own.dev.src, own.dev.tgt)]  # type: ignore[list-item]
+        test_files = [(own.test.src, own.test.tgt)]  # type: ignore[list-item]
     run.timings["sources"] = time.monotonic() - t0
 
     # ---- 2-6. the training data
@@ -639,6 +658,8 @@ def prepare(
         "vocab_size": vocab_size, "model_type": model_type, "joint_vocab": joint_vocab, "max_len": max_len,
         "max_train_pairs": max_train_pairs, "seed": seed, "spm_sample_pairs": spm_sample_pairs,
         "shard_size": shard_size, "rules": rules.to_dict(), "verify_checksums": verify_checksums,
+        **({"corpora": [c.describe() for c in own.corpora], "dev": own.dev.describe(), "test": own.test.describe()}
+           if own is not None else {}),
     }
     _write_json(prepared.report_json, report)
     write_text(prepared.report_md, format_report(report))
@@ -669,6 +690,7 @@ def prepare(
             "test": [[str(a), str(b)] for a, b in test_files],
             "sha256": {str(p): file_sha256(p) for pair in (*dev_files, *test_files) for p in pair},
             **fetcher.describe(),
+            **({"tsv_sha256": own.tsv_sha256} if own is not None else {}),
         },
         "source_dir": str(mirror) if mirror else None,
         "config": config,

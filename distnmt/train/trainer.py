@@ -47,7 +47,7 @@ from distnmt.checkpoint import (
     write_nonfinite,
     write_rank_manifest,
 )
-from distnmt.config import Config
+from distnmt.config import Config, batch_budget, update_sentences
 from distnmt.data.prepared import PreparedData
 from distnmt.data.sampler import BucketBatchSampler
 from distnmt.data.tokenizer import PAD_ID
@@ -135,9 +135,10 @@ class Trainer:
         self.src, self.tgt = prepared.train_arrays()
         self.spm = spm_files(prepared.spm_model(cfg.data.src_lang), prepared.spm_model(cfg.data.tgt_lang))
         self.vocab_size = prepared.vocab_sizes
+        budget = batch_budget(cfg)  # data.max_tokens etc., or train.batch_sentences divided up
         self.sampler = BucketBatchSampler(
-            self.src.lengths, self.tgt.lengths, cfg.data.max_tokens, num_replicas=self.world, rank=self.rank,
-            seed=cfg.train.seed, pool_batches=cfg.data.pool_batches, max_sentences=cfg.data.max_sentences,
+            self.src.lengths, self.tgt.lengths, budget.max_tokens, num_replicas=self.world, rank=self.rank,
+            seed=cfg.train.seed, pool_batches=budget.pool_batches, max_sentences=budget.max_sentences,
             bucketing=cfg.data.bucketing,
         )
 
@@ -301,6 +302,12 @@ class Trainer:
     def _effective_batch_line(self) -> str:
         """How the effective batch was kept at this world size."""
         train = self.cfg.train
+        if train.batch_sentences is not None:
+            have = update_sentences(self.cfg, self.world)
+            how = ("train.batch_sentences" if have == train.batch_sentences
+                   else f"not the configured {train.batch_sentences}: {self.world} does not divide it")
+            return (f"[train] world size {self.world}: accumulating {self.accumulate} micro-batch(es) of "
+                    f"{batch_budget(self.cfg).max_sentences} sentences per rank per step = {have} sentences per step, {how}")
         want = train.accumulate * train.max_workers * self.cfg.data.max_tokens
         have = self.accumulate * self.world * self.cfg.data.max_tokens
         how = "the configured effective batch" if have == want else f"not the configured {want}: {self.world} does not divide it"
