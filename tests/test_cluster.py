@@ -97,3 +97,45 @@ def test_proc_net_addresses_decode() -> None:
     assert _decode_address("0100007F") == "127.0.0.1"
     assert _decode_address("00000000000000000000000001000000") == "::1"
     assert _decode_address("00000000000000000000000000000000") == "::"
+
+
+@pytest.mark.parametrize("level", ["warning", "info"])
+def test_forwarded_lines_go_to_the_file_and_only_some_to_the_console(level: str, tmp_path) -> None:
+    """Ray's dispatcher of the lines forwarded from workers, with a printer in place of
+    the one ray.init installs: every line reaches the run's log file; the console's
+    printer gets all but Ray's informational ones (all of them with logging.ray: info);
+    the undo puts Ray's printer back."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    from distnmt.cluster import _route_worker_logs
+
+    printed: list[str] = []
+
+    def printer(data: dict) -> None:
+        printed.extend(data["lines"])
+
+    dispatcher.add_handler("ray_print_logs", printer)
+    log = tmp_path / "logs" / "ray-1.log"
+    try:
+        undo = _route_worker_logs(log, level)
+        dispatcher.emit({"pid": 7, "actor_name": "RayTrainWorker", "is_err": True,
+                         "lines": ["Checkpoint successfully created at: Checkpoint(path=/r/checkpoint_1)",
+                                   "Reporting training result 1: TrainingReport(...)"]})
+        dispatcher.emit({"pid": 7, "actor_name": "RayTrainWorker", "is_err": False,
+                         "lines": ["[train] step 10/20 epoch 0 | loss 5.0"]})
+        dispatcher.emit({"pid": 8, "actor_name": "TrainController", "is_err": True,
+                         "lines": ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: x"]})
+        undo()
+        assert [name for name, _ in dispatcher.handlers if name == "ray_print_logs"] == ["ray_print_logs"]
+        assert dict(dispatcher.handlers)["ray_print_logs"] is printer
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+    shown = ["[train] step 10/20 epoch 0 | loss 5.0", "Traceback (most recent call last):", '  File "x.py", line 1',
+             "ValueError: x"]
+    if level == "info":
+        shown = ["Checkpoint successfully created at: Checkpoint(path=/r/checkpoint_1)",
+                 "Reporting training result 1: TrainingReport(...)", *shown]
+    assert printed == shown
+    logged = log.read_text()
+    assert "(RayTrainWorker pid=7 stderr) Checkpoint successfully created" in logged
+    assert "(RayTrainWorker pid=7) [train] step 10/20" in logged and "ValueError: x" in logged
