@@ -199,10 +199,12 @@ def start_local(log_path: Optional[Path] = None, attempts: int = 3) -> RayHandle
 
 # ---------------------------------------------------------------- log routing
 
-# A line a user must see: a warning, an error, a traceback, a failure.
+# A line a user must see: a warning, an error, a traceback, a failure; or a line of
+# Ray's C++ core logged at severity W, E or F ("[2026-12-02 06:04:12,438 E 15997 16045] ...").
 _ACTIONABLE = re.compile(
     r"warn|error|exception|traceback|fail|fatal|abort|killed|timed? ?out|unable|cannot|could not|"
-    r"not found|invalid|denied|out of memory|oom|deprecat|^\s+File \"",
+    r"not found|invalid|denied|out of memory|oom|deprecat|^\s+File \"|"
+    r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [WEF] \d+ \d+\]",
     re.IGNORECASE,
 )
 

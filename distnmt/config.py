@@ -87,6 +87,28 @@ class DataConfig:
     dev: Optional[CorpusFiles] = None
     test: Optional[CorpusFiles] = None
 
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """Every range check of a data value, in one place: ``(ok, dotted key, what is wrong)``.
+
+        :func:`validate` runs them for a loaded config and :func:`check_data` for a
+        ``DataConfig`` built in code (``prepare`` calls it), so the two never drift.
+        """
+        return [
+            (self.src_lang != self.tgt_lang, "data.tgt_lang", f"must differ from data.src_lang ({self.src_lang!r})"),
+            (self.vocab_size >= 100, "data.vocab_size", "must be at least 100"),
+            (self.spm_sample_pairs >= 1, "data.spm_sample_pairs", "must be at least 1"),
+            (self.max_words is None or self.max_words >= 1, "data.max_words", "must be at least 1 or null"),
+            (self.max_ratio is None or self.max_ratio >= 1, "data.max_ratio", "must be at least 1 or null"),
+            (self.max_len >= 1, "data.max_len", "must be at least 1"),
+            # A batch must fit the longest allowed pair (+1 for EOS/BOS).
+            (self.max_tokens >= self.max_len + 1, "data.max_tokens", f"must be at least data.max_len + 1 = {self.max_len + 1}"),
+            (self.max_train_pairs is None or self.max_train_pairs >= 1, "data.max_train_pairs", "must be at least 1 or null"),
+            (self.shard_size >= 1, "data.shard_size", "must be at least 1"),
+            (self.workers is None or self.workers >= 1, "data.workers", "must be at least 1 or null (every core)"),
+            (self.pool_batches >= 0, "data.pool_batches", "must be >= 0 (0: the whole epoch)"),
+            (self.max_sentences is None or self.max_sentences >= 1, "data.max_sentences", "must be at least 1 or null"),
+        ]
+
 
 @dataclass
 class ModelConfig:
@@ -246,6 +268,19 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe), e.g. to store inside a checkpoint."""
         return dataclasses.asdict(self)
+
+    def step_token_budget(self, world: Optional[int] = None) -> int:
+        """Token budget of one optimizer step, all ranks together.
+
+        A batch costs ``sentences * max(longest source + 1, longest target + 1)`` and
+        stays within ``data.max_tokens``; each of ``world`` ranks (default
+        ``train.max_workers``, the configured run) takes ``train.accumulate_at(world)``
+        of them per step. At another world size the figure is what that group
+        actually trains on (it differs from the configured one where ``world`` does
+        not divide the effective batch).
+        """
+        ranks = self.train.max_workers if world is None else world
+        return self.data.max_tokens * self.train.accumulate_at(ranks) * ranks
 
 
 # --------------------------------------------------------------------------- loading
@@ -441,11 +476,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
         (cfg.train.keep_checkpoints is None or cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1 or null"),
         (cfg.train.max_failures >= -1, "train.max_failures", "must be -1 (forever) or more"),
-        (cfg.data.vocab_size >= 100, "data.vocab_size", "must be at least 100"),
-        (cfg.data.max_len >= 1, "data.max_len", "must be at least 1"),
-        # A batch must fit the longest allowed pair (+1 for EOS/BOS).
-        (cfg.data.max_tokens >= cfg.data.max_len + 1, "data.max_tokens", f"must be at least data.max_len + 1 = {cfg.data.max_len + 1}"),
-        (cfg.data.max_train_pairs is None or cfg.data.max_train_pairs >= 1, "data.max_train_pairs", "must be at least 1 or null"),
+        *cfg.data.checks(),
         (min(cfg.model.embed_size, cfg.model.hidden_size, cfg.model.align_size, cfg.model.maxout_size) >= 1, "model", "sizes must be positive"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", "must be positive"),
@@ -576,6 +607,13 @@ def update_sentences(cfg: Config, world: int) -> Optional[int]:
     if cfg.train.batch_sentences is None or budget.max_sentences is None:
         return None
     return budget.max_sentences * cfg.train.accumulate_at(world) * world
+
+
+def check_data(data: DataConfig) -> None:
+    """:meth:`DataConfig.checks` for a ``DataConfig`` built in code; ConfigError naming the key."""
+    for ok, key, message in data.checks():
+        if not ok:
+            raise ConfigError(f"{key}: {getattr(data, key.split('.', 1)[1])!r} {message}")
 
 
 def _workers_ok(workers: Union[int, list[int]]) -> bool:

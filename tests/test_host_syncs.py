@@ -119,10 +119,11 @@ ENGINE_MAX = {"all_reduce": 1, "reads": 3}
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    from distnmt.config import DataConfig
     from distnmt.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared")
-    prepare(shared_data, out, vocab_size=800, max_len=30, max_train_pairs=1000, progress=False)
+    prepare(DataConfig(source_dir=str(shared_data), prepared_dir=str(out), vocab_size=800, max_len=30, max_train_pairs=1000), progress=False)
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distnmt.checkpoint import list_checkpoints, load_checkpoint, nonfinite_path, rng_path
-from distnmt.config import Config, load_config
+from distnmt.config import Config, DataConfig, load_config
 from distnmt.data.prepare import prepare
 from distnmt.train.session import Session
 from distnmt.train.trainer import Trainer
@@ -32,7 +32,7 @@ TINY = ["model.embed_size=16", "model.hidden_size=24", "model.align_size=24", "m
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     out = tmp_path_factory.mktemp("prepared")
-    prepare(shared_data, out, vocab_size=800, max_len=30, max_train_pairs=1000, progress=False)
+    prepare(DataConfig(source_dir=str(shared_data), prepared_dir=str(out), vocab_size=800, max_len=30, max_train_pairs=1000), progress=False)
     return out
 
 
