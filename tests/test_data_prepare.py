@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from distnmt.cli import main
-from distnmt.config import ConfigError, DataConfig, load_config
+from distnmt.config import ConfigError, DataConfig, config_from_dict, load_config
 from distnmt.data import DataError, PreparedData, load_manifest, prepare, read_lines, read_parallel
 from distnmt.data.clean import DROPPING_RULES
 from distnmt.data.shards import ids_path, index_path
@@ -345,6 +345,24 @@ def test_each_data_value_is_checked_once_for_config_and_prepare(tmp_path: Path, 
     with pytest.raises(ConfigError, match=rf"^data\.{key}: {value!r} must "):
         prepare(_config(tmp_path, tmp_path / "out", **{key: value}), progress=False)
     assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_data_max_sentences_is_renamed(tmp_path: Path) -> None:
+    """Issue 16.9: one name meant two things; the old data key is a one-line error naming the new one."""
+    config = tmp_path / "old.yaml"
+    config.write_text("data:\n  max_tokens: 2048\n  max_sentences: 80\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value).startswith(f"{config}:3: data.max_sentences is now data.max_batch_sentences (")
+    assert "\n" not in str(err.value) and "eval.max_sentences" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^--set: data.max_sentences is now data.max_batch_sentences \("):
+        load_config(None, ["data.max_sentences=80"])
+    cfg = load_config(None, ["data.max_batch_sentences=80", "eval.max_sentences=7"])
+    assert cfg.data.max_batch_sentences == 80 and cfg.eval.max_sentences == 7
+    # A checkpoint's stored config (written before the rename) still loads.
+    stored = cfg.to_dict()
+    stored["data"]["max_sentences"] = stored["data"].pop("max_batch_sentences")
+    assert config_from_dict(stored) == cfg
 
 
 def test_download_needs_registry_parts(tmp_path: Path) -> None:
