@@ -168,6 +168,14 @@ def test_report_per_rule_per_part(small_mirror: Path, tmp_path: Path) -> None:
     assert json.loads(data.report_json.read_text()) == report
     table = data.report_md.read_text()
     assert "| giga-fren | 800 |" in table and "**total**" in table
+    # each rule's share: of the pairs read, and of the pairs still there when it ran
+    total = report["total"]
+    reached = total["read"] - sum(total[r] for r in DROPPING_RULES[:-1])
+    assert total["dropped_share"]["too_long"] == round(total["too_long"] / total["read"], 6)
+    assert total["dropped_share_of_reaching"]["too_long"] == round(total["too_long"] / reached, 6)
+    assert total["dropped_share_of_reaching"]["empty"] == total["dropped_share"]["empty"]  # the first rule
+    share = f"{100 * total['too_long'] / total['read']:.2f}% ({100 * total['too_long'] / reached:.2f}%)"
+    assert "Share dropped by each rule" in table and share in table.splitlines()[-1]
     # dedupe means no pair of the prepared data repeats
     src, tgt = data.train_arrays()
     pairs = {(tuple(src[i]), tuple(tgt[i])) for i in range(len(src))}
