@@ -355,6 +355,20 @@ def test_each_data_value_is_checked_once_for_config_and_prepare(tmp_path: Path, 
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
+@pytest.mark.parametrize("config", ["rnnsearch-50", "rnnencdec-30"])
+def test_paper_configs_filter_by_words_as_the_paper(small_mirror: Path, tmp_path: Path, config: str) -> None:
+    """Issue 14: the paper keeps every sentence of up to 50 (30) words; a subword cap at
+    the same number dropped a sixth of those. The paper configs' cap is only a guard."""
+    paper = load_config(QUICKSTART.parent / f"{config}.yaml").data
+    rules = dict(max_words=paper.max_words, max_ratio=paper.max_ratio, dedupe=paper.dedupe, max_len=paper.max_len)
+    total = _prepare_small(small_mirror, tmp_path, shard_size=1000, **rules).manifest["report"]["total"]
+    assert total["max_words"] > 0 and total["too_long"] == 0
+    # the old cap (max_len = max_words) on the same pairs: only encoding is redone
+    capped = _prepare_small(small_mirror, tmp_path, shard_size=1000, **{**rules, "max_len": paper.max_words})
+    share = capped.manifest["report"]["total"]["dropped_share_of_reaching"]["too_long"]
+    assert share > 0.05, share
+
+
 def test_data_max_sentences_is_renamed(tmp_path: Path) -> None:
     """Issue 16.9: one name meant two things; the old data key is a one-line error naming the new one."""
     config = tmp_path / "old.yaml"
