@@ -272,6 +272,19 @@ class Config:
         """Plain nested dict (YAML/JSON-safe), e.g. to store inside a checkpoint."""
         return dataclasses.asdict(self)
 
+    def step_token_budget(self, world: Optional[int] = None) -> int:
+        """Token budget of one optimizer step, all ranks together.
+
+        A batch costs ``sentences * max(longest source + 1, longest target + 1)`` and
+        stays within ``data.max_tokens``; each of ``world`` ranks (default
+        ``train.max_workers``, the configured run) takes ``train.accumulate_at(world)``
+        of them per step. At another world size the figure is what that group
+        actually trains on (it differs from the configured one where ``world`` does
+        not divide the effective batch).
+        """
+        ranks = self.train.max_workers if world is None else world
+        return self.data.max_tokens * self.train.accumulate_at(ranks) * ranks
+
 
 # --------------------------------------------------------------------------- loading
 

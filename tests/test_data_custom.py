@@ -172,7 +172,7 @@ def test_bad_own_files_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_tsv_split_and_sgml_detection_units(tmp_path: Path) -> None:
-    tsv = write(tmp_path / "x.tsv.gz", gzip.compress("a\tb\nc d\te f\n\t\n".encode()))
+    tsv = write(tmp_path / "x.tsv.gz", gzip.compress("a\tb\r\nc d\te f\n\t\n".encode()))  # CR LF too
     lines, sha = split_tsv(tsv, tmp_path / "o.src", tmp_path / "o.tgt", swap=True)
     assert lines == 3 and len(sha) == 64
     assert (tmp_path / "o.src").read_text() == "b\ne f\n\n" and (tmp_path / "o.tgt").read_text() == "a\nc d\n\n"

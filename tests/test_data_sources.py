@@ -348,7 +348,7 @@ def train_a_few_steps(prepared: Path, src: str, tgt: str, steps: int = 3) -> lis
     """Train the tiny model ``steps`` optimizer steps in this process on ``prepared`` (src->tgt);
     returns the loss per target token of each step."""
     cfg = load_config(None, [*TINY_MODEL, f"data.src_lang={src}", f"data.tgt_lang={tgt}"])
-    data = PreparedData(prepared, src, tgt)
+    data = PreparedData(prepared, src, tgt).check()  # the manifest says src -> tgt
     src_ids, tgt_ids = data.train_arrays()
     sampler = BucketBatchSampler(src_ids.lengths, tgt_ids.lengths, cfg.data.max_tokens, seed=1)
     sampler.set_epoch(0)

@@ -262,14 +262,19 @@ class Evaluator:
         When a worker failure restarts the run, Ray Train cancels the validation
         in flight and does not queue it again within the same run, so a reported
         checkpoint could go unscored. Its directory is in the run directory; it is
-        scored here (or, under policy "newest", recorded as skipped for the newest).
+        scored here (or, under policy "newest", recorded as skipped for the newest);
+        one scored by ``distnmt evaluate`` meanwhile is re-issued as a training score.
         """
         on_disk = sorted(list_checkpoints(self.run_dir), key=lambda p: int(read_meta(p)["step"]))
         for path in on_disk:
-            if self._find(self.split, path.name) is not None or self.store.find_skip(self.split, path.name):
+            existing = self._find(self.split, path.name)
+            if (existing is not None and existing.origin == "training") or self.store.find_skip(self.split, path.name):
                 continue
             step = int(read_meta(path)["step"])
             reported_at = meta_path(path).stat().st_mtime
+            if existing is not None:  # scored by `distnmt evaluate`: re-issued, not decoded again
+                self._score(path, path.name, self.split, origin="training", reported_at=reported_at)
+                continue
             if self.cfg.eval.policy == "newest" and path != on_disk[-1]:
                 self._skip(path.name, step, on_disk[-1].name, reported_at, str(path))
                 continue
