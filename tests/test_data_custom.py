@@ -221,3 +221,18 @@ def test_bleu_tokenizer_is_checked_and_reaches_the_signature() -> None:
     assert "|tok:zh|" in zh.bleu_signature and "|tok:13a|" in default.bleu_signature
     assert zh.bleu != default.bleu  # 13a sees each Chinese sentence as about one word
     assert zh.chrf == default.chrf  # chrF stays as is
+
+
+def test_a_score_under_another_bleu_tokenizer_is_not_reused() -> None:
+    from distnmt.config import EvalConfig
+    from distnmt.evaluate.records import ScoreRecord
+    from distnmt.evaluate.score import decode_settings
+
+    record = ScoreRecord(checkpoint="checkpoint_00000010", step=10, split="dev", test_set="mydev", bleu=1.0, chrf=2.0,
+                         bleu_line="", bleu_signature="", chrf_signature="", sentences=30,
+                         beam_size=5, alpha=1.0, max_len_a=1.5, max_len_b=10, bleu_tokenize="13a")
+    assert record.matches(decode_settings(EvalConfig(), 30))
+    assert not record.matches(decode_settings(EvalConfig(bleu_tokenize="zh"), 30))
+    # A line written before the field matches any tokenizer, as for the other settings.
+    older = ScoreRecord.from_dict({k: v for k, v in record.to_dict().items() if k != "bleu_tokenize"})
+    assert older.matches(decode_settings(EvalConfig(bleu_tokenize="zh"), 30))
