@@ -69,10 +69,12 @@ class RayHandle:
         """Disconnect (and, for a local cluster, stop it); undo the log routing."""
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        # Ray's printer back first: ray.shutdown() removes it by name, and a handler
+        # put back after that would print every line twice under the next ray.init.
         while self._restore:
             self._restore.pop()()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def free_ports(count: int, host: str = "") -> list[int]:
@@ -121,7 +123,11 @@ def start_or_join(cfg: "Config", run_dir: Path) -> RayHandle:
             undo()
         raise
     handle._restore = restore + handle._restore
-    handle._restore.append(_route_worker_logs(log_path, cfg.logging.ray))
+    try:
+        handle._restore.append(_route_worker_logs(log_path, cfg.logging.ray))
+    except BaseException:
+        handle.stop()
+        raise
     return handle
 
 
@@ -193,10 +199,12 @@ def start_local(log_path: Optional[Path] = None, attempts: int = 3) -> RayHandle
 
 # ---------------------------------------------------------------- log routing
 
-# A line a user must see: a warning, an error, a traceback, a failure.
+# A line a user must see: a warning, an error, a traceback, a failure; or a line of
+# Ray's C++ core logged at severity W, E or F ("[2026-12-02 06:04:12,438 E 15997 16045] ...").
 _ACTIONABLE = re.compile(
     r"warn|error|exception|traceback|fail|fatal|abort|killed|timed? ?out|unable|cannot|could not|"
-    r"not found|invalid|denied|out of memory|oom|deprecat|^\s+File \"",
+    r"not found|invalid|denied|out of memory|oom|deprecat|^\s+File \"|"
+    r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [WEF] \d+ \d+\]",
     re.IGNORECASE,
 )
 
@@ -263,7 +271,7 @@ def _route_worker_logs(log_path: Path, level: str) -> Callable[[], None]:
     from ray._private import worker as ray_worker
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    original = dispatcher.handlers.get("ray_print_logs") if hasattr(dispatcher, "handlers") else None
+    original = dict(dispatcher.handlers).get("ray_print_logs")  # a list of (name, handler)
     if original is None:  # log_to_driver off, or not a driver: nothing is forwarded here
         return lambda: None
     log = _log_file(log_path)

@@ -27,7 +27,6 @@ from distnmt.bench.peer import (
     minutes_to_xent,
     parse_joeynmt_log,
     ratios,
-    step_token_budget,
     tree_rss_mib,
 )
 from distnmt.config import ConfigError, load_config
@@ -67,7 +66,7 @@ def test_joeynmt_config_has_our_sizes_data_and_budget(tmp_path: Path) -> None:
     assert enc["dropout"] == dec["dropout"] == dec["hidden_dropout"] == 0.0
     train = joey["training"]
     # One JoeyNMT process takes a whole distnmt step's budget: max_tokens x accumulate x workers.
-    assert step_token_budget(cfg) == 1000 * 3 * 2 == joeynmt_batch_size(cfg) == train["batch_size"]
+    assert cfg.step_token_budget() == 1000 * 3 * 2 == joeynmt_batch_size(cfg) == train["batch_size"]
     assert (train["batch_type"], train["optimizer"], train["learning_rate"]) == ("token", "adam", 0.001)
     assert train["logging_freq"] == 20 and train["validation_freq"] == 80  # quickstart's log_every
     # JoeyNMT refuses a logging_freq not below, or not dividing, validation_freq.

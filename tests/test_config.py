@@ -147,3 +147,11 @@ def test_benchmark_keys_bucketing_and_max_minutes() -> None:
         load_config(REPO / "configs/quickstart.yaml", ["train.max_minutes=0"])
     with pytest.raises(ConfigError, match=r"data\.bucketing"):
         load_config(REPO / "configs/quickstart.yaml", ["data.bucketing=3"])
+
+
+def test_step_token_budget_all_ranks_together() -> None:
+    cfg = load_config(None, ["data.max_tokens=1000", "train.accumulate=3", "train.workers=[1, 2]"])
+    assert cfg.step_token_budget() == 1000 * 3 * 2  # the configured run: 2 workers
+    assert cfg.step_token_budget(1) == 1000 * 6 * 1  # one worker left: it accumulates twice as much
+    odd = load_config(None, ["data.max_tokens=1000", "train.accumulate=1", "train.workers=[2, 3]"])
+    assert odd.step_token_budget(2) == 1000 * 2 * 2 != odd.step_token_budget()  # 2 does not divide 3

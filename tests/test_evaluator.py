@@ -18,7 +18,7 @@ import torch
 
 from distnmt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distnmt.cli import main as cli_main
-from distnmt.config import ConfigError, load_config
+from distnmt.config import ConfigError, DataConfig, load_config
 from distnmt.data.prepare import load_manifest, prepare
 from distnmt.data.tokenizer import PAD_ID, Tokenizer
 from distnmt.evaluate.average import average_checkpoints, last_checkpoints
@@ -125,7 +125,7 @@ def test_score_record_round_trips_and_old_lines_still_load(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     out = tmp_path_factory.mktemp("prepared")
-    prepare(shared_data, out, vocab_size=800, max_len=30, max_train_pairs=2000, progress=False)
+    prepare(DataConfig(source_dir=str(shared_data), prepared_dir=str(out), vocab_size=800, max_len=30, max_train_pairs=2000), progress=False)
     return out
 
 
