@@ -302,4 +302,3 @@ def _mtime(filesystem: Any, path: str) -> Optional[float]:
     except OSError:
         return None
     return info.mtime.timestamp() if info.mtime is not None else None
-
