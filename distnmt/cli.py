@@ -191,7 +191,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 # distnmt/bench/<name>.py ("-" -> "_"), each with main(argv) -> int; "all" runs the others in turn.
-BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "all")
+BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "gpu", "all")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
