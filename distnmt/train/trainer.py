@@ -308,8 +308,7 @@ class Trainer:
                    else f"not the configured {train.batch_sentences}: {self.world} does not divide it")
             return (f"[train] world size {self.world}: accumulating {self.accumulate} micro-batch(es) of "
                     f"{batch_budget(self.cfg).max_sentences} sentences per rank per step = {have} sentences per step, {how}")
-        want = train.accumulate * train.max_workers * self.cfg.data.max_tokens
-        have = self.accumulate * self.world * self.cfg.data.max_tokens
+        want, have = self.cfg.step_token_budget(), self.cfg.step_token_budget(self.world)
         how = "the configured effective batch" if have == want else f"not the configured {want}: {self.world} does not divide it"
         return (f"[train] world size {self.world} of {train.min_workers}-{train.max_workers}: accumulating "
                 f"{self.accumulate} micro-batch(es) per rank per step = {have} tokens per step, {how}")
