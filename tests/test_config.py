@@ -39,7 +39,7 @@ def test_paper_config_has_the_paper_values() -> None:
     m = cfg.model
     assert (m.embed_size, m.hidden_size, m.align_size, m.maxout_size) == (620, 1000, 1000, 500)
     assert (cfg.optim.name, cfg.optim.eps, cfg.optim.rho, cfg.optim.clip_norm) == ("adadelta", 1e-6, 0.95, 1.0)
-    assert (cfg.data.vocab_size, cfg.data.max_len) == (30000, 50)
+    assert (cfg.data.vocab_size, cfg.data.max_words) == (30000, 50) and cfg.data.max_len > 4 * cfg.data.max_words  # words only
 
 
 def test_overrides_are_typed() -> None:

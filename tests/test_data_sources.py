@@ -1,4 +1,4 @@
-"""Sources: the WMT'14 registry and presets, a mirror holding the real archives' layout
+"""Sources: the WMT'14 registries (En-Fr, En-De, both directions) and presets, a mirror holding the real archives' layout
 (built here from the real sample), and the download path against a local HTTP server
 that drops connections, so resume, verify and extract run for real, without internet."""
 
@@ -7,22 +7,39 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import tarfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
+import torch
+from parallel_text import en_de_archives, pairs  # tests/parallel_text.py
 
-from distnmt.data import REGISTRY, DataError, PreparedData, prepare
+from distnmt.config import DataConfig, load_config
+from distnmt.data import REGISTRY, BucketBatchSampler, DataError, PreparedData, collate, prepare
 from distnmt.data import download as download_module
 from distnmt.data.download import download, part_path
 from distnmt.data.fetch import Fetcher, extract_members, verify_archive
-from distnmt.data.sources import WMT14_PARTS, Archive, Registry, members
+from distnmt.data.sources import (
+    REGISTRIES, REGISTRY_EN_DE, WMT14_EN_DE_PARTS, WMT14_PARTS, Archive, Registry, members,
+)
+from distnmt.data.sources import registry_for as pair_registry
+from distnmt.model.build import build_model
+from distnmt.train.engine import build_engine
 
-SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, progress=False,
-             workers=1)
+SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, workers=1)
+
+
+def _prepare(mirror: Optional[Path], out: Path, cache: Optional[Path] = None, registry: Optional[Registry] = None,
+             **kw: Any):
+    """prepare() of the small sample config (SMALL, then ``kw``) from ``mirror`` (None: download) into ``out``."""
+    data = DataConfig(source_dir=str(mirror) if mirror is not None else None, prepared_dir=str(out),
+                      cache_dir=str(cache or out / "cache"), **{**SMALL, **kw})
+    return prepare(data, progress=False, registry=registry)
 
 # ----------------------------------------------------------------------- registry
 
@@ -116,7 +133,7 @@ def registry_for(archives: dict[str, bytes], base_url: str = "http://unused.inva
 @pytest.fixture(scope="module")
 def reference(small_mirror_master: Path, tmp_path_factory: pytest.TempPathFactory):
     """prepare() reading the extracted files: what every other way in must reproduce."""
-    return prepare(small_mirror_master, tmp_path_factory.mktemp("reference"), **SMALL)
+    return _prepare(small_mirror_master, tmp_path_factory.mktemp("reference"))
 
 
 def _same_output(a: Path, b: Path) -> None:
@@ -132,7 +149,7 @@ def test_mirror_of_archives_gives_the_same_data(small_mirror_master: Path, refer
     archives = build_archives(small_mirror_master, tmp_path / "mirror")
     registry = registry_for(archives, md5=True)  # md5 checksums (as sacreBLEU publishes them) work too
     out, cache = tmp_path / "out", tmp_path / "cache"
-    result = prepare(tmp_path / "mirror", out, cache_dir=cache, registry=registry, **SMALL)
+    result = _prepare(tmp_path / "mirror", out, cache=cache, registry=registry)
     _same_output(reference.out_dir, out)
     assert result.manifest["counts"] == reference.manifest["counts"]
     sha = result.manifest["sources"]["archives_sha256"]
@@ -142,7 +159,7 @@ def test_mirror_of_archives_gives_the_same_data(small_mirror_master: Path, refer
     assert result.manifest["sources"]["train"]["europarl-v7"]["files"][0] == str(extracted)
     # a re-run neither re-verifies nor re-extracts an unchanged archive
     before = extracted.stat().st_mtime_ns
-    again = prepare(tmp_path / "mirror", out, cache_dir=cache, registry=registry, **SMALL)
+    again = _prepare(tmp_path / "mirror", out, cache=cache, registry=registry)
     assert extracted.stat().st_mtime_ns == before and again.manifest["shards"] == result.manifest["shards"]
 
 
@@ -159,8 +176,7 @@ def test_archive_checks(small_mirror_master: Path, tmp_path: Path) -> None:
         verify_archive(path, Archive(good.name, good.url, 12, None))
     # the real registry's checksum rejects this home-made archive, naming it
     with pytest.raises(DataError, match=rf"^{path}: {good.size} bytes but https://www.statmt.org/wmt14/training-parallel-nc-v9.tgz"):
-        prepare(tmp_path / "mirror", tmp_path / "out", cache_dir=tmp_path / "cache", **{**SMALL, "preset": None,
-                "parts": ["news-commentary-v9"]})
+        _prepare(tmp_path / "mirror", tmp_path / "out", cache=tmp_path / "cache", preset=None, parts=["news-commentary-v9"])
     assert not (tmp_path / "out/manifest.json").exists()
 
     cut = tmp_path / "cut.tgz"
@@ -177,7 +193,7 @@ def test_mirror_with_two_candidates_is_ambiguous(small_mirror: Path, tmp_path: P
     copy.parent.mkdir()
     copy.write_bytes((small_mirror / "train/by-corpus/europarl-v7.en.gz").read_bytes())
     with pytest.raises(DataError, match=r"europarl-v7 \(en\): 2 files named 'europarl-v7.en.gz'"):
-        prepare(small_mirror, tmp_path, **SMALL)
+        _prepare(small_mirror, tmp_path)
 
 
 # ----------------------------------------------------------------- downloading
@@ -245,7 +261,7 @@ def test_download_resumes_and_then_takes_the_mirror_path(
         server.cut = {"training-giga-fren.tar", "dev.tgz"}  # two downloads break half-way
         registry = registry_for(archives, server.url)
         cache = tmp_path / "cache"
-        result = prepare(None, tmp_path / "out", cache_dir=cache, registry=registry, **SMALL)
+        result = _prepare(None, tmp_path / "out", cache=cache, registry=registry)
     _same_output(reference.out_dir, tmp_path / "out")
     assert result.manifest["source_dir"] is None
     for name, data in archives.items():
@@ -269,3 +285,136 @@ def test_failed_download_keeps_the_partial_file_for_next_time(tmp_path: Path, fa
         assert not dest.exists() and part_path(dest).stat().st_size == len(data) // 2
         assert download(f"{server.url}/big.bin", dest, size=len(data), progress=False) == dest
     assert dest.read_bytes() == data and server.requests[-1][1] == f"bytes={len(data) // 2}-"
+
+
+# ------------------------------------------- WMT'14 English-German, and both directions (issue 17)
+
+EN_DE = dict(preset="wmt14-en-de", dev_sets=["newstest2012", "newstest2013"], test_set="newstest2014",
+             vocab_size=200, max_len=40, workers=1)
+TINY_MODEL = ["model.embed_size=16", "model.hidden_size=24", "model.align_size=16", "model.maxout_size=12",
+              "optim.name=adam", "optim.lr=0.01", "train.precision=fp32", "data.max_tokens=400"]
+
+
+def test_en_de_registry_serves_both_directions_and_its_lookups_name_what_it_has() -> None:
+    de = pair_registry("de", "en")
+    assert de is REGISTRY_EN_DE and pair_registry("en", "de") is de
+    assert pair_registry("fr", "en") is REGISTRY and pair_registry("en", "fr") is REGISTRY
+    assert set(REGISTRIES) == {"en-fr", "en-de"}
+    assert de.presets == {"wmt14-en-de": WMT14_EN_DE_PARTS} == {"wmt14-en-de": ("europarl-v7", "commoncrawl", "news-commentary-v9")}
+    assert sum(p.pairs for p in de.parts.values()) == 4520620
+    assert members(de.parts["commoncrawl"], "de", "en") == ("commoncrawl.de-en.de", "commoncrawl.de-en.en")
+    assert members(de.parts["europarl-v7"], "en", "de") == ("training/europarl-v7.de-en.en", "training/europarl-v7.de-en.de")
+    assert members(de.eval_sets["newstest2013"], "de", "en") == ("dev/newstest2013-src.de.sgm", "dev/newstest2013-ref.en.sgm")
+    assert de.eval_sets["newstest2014"].segments == 3003
+    # The same archives as En-Fr (the de-en files sit beside the fr-en ones), same sizes and checksums.
+    for item in [*de.parts.values(), *de.eval_sets.values()]:
+        assert de.archive_of(item) == REGISTRY.archives[item.archive]
+
+    # sacreBLEU's table of the 'full' newstest2014 release names the same members and md5.
+    from sacrebleu.dataset import DATASETS
+
+    full = DATASETS["wmt14/full"]
+    assert full.md5 == [REGISTRY.archives["test-full.tgz"].checksum.removeprefix("md5:")]
+    for src, tgt in (("en", "de"), ("de", "en"), ("en", "fr"), ("fr", "en")):
+        assert list(members(pair_registry(src, tgt).eval_sets["newstest2014"], src, tgt)) == full.langpairs[f"{src}-{tgt}"]
+
+    # A pair or a part the registry lacks: one line, listing what it has.
+    with pytest.raises(DataError) as err:
+        pair_registry("en", "ja")
+    assert str(err.value) == ("data.src_lang/tgt_lang: no WMT'14 registry for en->ja (has: en->fr and fr->en, en->de and "
+                              "de->en); for other languages list your own files under data.corpora (docs/DATA.md, 'Your own data')")
+    with pytest.raises(DataError, match=r"^data.parts: unknown part 'giga-fren' \(known: europarl-v7, commoncrawl, "
+                                        r"news-commentary-v9; registry en-de\)$"):
+        de.resolve_parts(None, ["giga-fren"])
+    with pytest.raises(DataError, match=r"^data.preset: unknown preset 'wmt14' \(known: wmt14-en-de; registry en-de\)$"):
+        de.resolve_parts("wmt14", None)
+    with pytest.raises(DataError, match=r"^data: unknown eval set 'newstest2015' \(known: newstest2012, newstest2013, "
+                                        r"newstest2014; registry en-de\)$"):
+        de.eval_set("newstest2015")
+    with pytest.raises(DataError, match=r"^data.src_lang/tgt_lang: de->en is not in the en-fr registry "
+                                        r"\(it has en->fr and fr->en\)$"):
+        _prepare(Path("."), Path("unused"), src_lang="de", tgt_lang="en", registry=REGISTRY, preset="wmt14")
+    assert not Path("unused").exists()
+
+
+def _write_archives(archives: dict[str, bytes], dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, data in archives.items():
+        (dest / name).write_bytes(data)
+    return dest
+
+
+def train_a_few_steps(prepared: Path, src: str, tgt: str, steps: int = 3) -> list[float]:
+    """Train the tiny model ``steps`` optimizer steps in this process on ``prepared`` (src->tgt);
+    returns the loss per target token of each step."""
+    cfg = load_config(None, [*TINY_MODEL, f"data.src_lang={src}", f"data.tgt_lang={tgt}"])
+    data = PreparedData(prepared, src, tgt).check()  # the manifest says src -> tgt
+    src_ids, tgt_ids = data.train_arrays()
+    sampler = BucketBatchSampler(src_ids.lengths, tgt_ids.lengths, cfg.data.max_tokens, seed=1)
+    sampler.set_epoch(0)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, data.vocab_sizes["src"], data.vocab_sizes["tgt"])
+    engine = build_engine(cfg, model, torch.device("cpu"))
+    losses = []
+    for indices in itertools.islice(iter(sampler), steps):
+        stats = engine.train_step([collate(src_ids, tgt_ids, indices)])
+        assert stats.finite
+        losses.append(stats.loss_sum / stats.tokens)
+    assert len(losses) == steps and all(0 < loss < 20 for loss in losses)
+    return losses
+
+
+def test_en_de_mirror_of_the_archives_prepares_end_to_end(tmp_path: Path) -> None:
+    archives = en_de_archives()
+    mirror = _write_archives(archives, tmp_path / "mirror")
+    # The real registry (chosen by the language pair) rejects these home-made archives by size...
+    with pytest.raises(DataError, match=r"training-parallel-europarl-v7.tgz: \d+ bytes but "
+                                        r"https://www.statmt.org/wmt13/training-parallel-europarl-v7.tgz has 657632379"):
+        _prepare(mirror, tmp_path / "out", cache=tmp_path / "cache", src_lang="en", tgt_lang="de", **EN_DE)
+    # ...and takes them with data.verify_checksums: false (their sha256 still goes to the manifest).
+    result = _prepare(mirror, tmp_path / "out", cache=tmp_path / "cache", src_lang="en", tgt_lang="de",
+                      verify_checksums=False, **EN_DE)
+    m = result.manifest
+    assert (m["src_lang"], m["tgt_lang"]) == ("en", "de")
+    assert list(m["report"]) == ["europarl-v7", "commoncrawl", "news-commentary-v9", "total"]
+    assert m["counts"]["train_read"] == 1200 and m["counts"]["train"] > 1000
+    assert m["counts"]["dev"] == 120 and m["counts"]["test"] == 60
+    assert m["sources"]["archives_sha256"]["dev.tgz"] == hashlib.sha256(archives["dev.tgz"]).hexdigest()
+    extracted = tmp_path / "cache/extracted/training-parallel-europarl-v7.tgz/training"
+    assert sorted(p.name for p in extracted.iterdir()) == ["europarl-v7.de-en.de", "europarl-v7.de-en.en"]
+    test_de = (tmp_path / "out/test.de").read_text(encoding="utf-8").splitlines()
+    assert len(test_de) == 60 and all(line.endswith(".") for line in test_de)
+    assert (tmp_path / "out/spm.en.model").is_file() and (tmp_path / "out/spm.de.model").is_file()
+
+
+def test_de_en_downloads_prepares_and_trains(tmp_path: Path, fast_retries: None) -> None:
+    archives = en_de_archives()
+    with _Server(archives) as server:
+        server.cut = {"training-parallel-commoncrawl.tgz"}  # one download breaks half-way and resumes
+        registry = pair_registry("de", "en").with_archives(**{
+            name: Archive(name, f"{server.url}/{name}", len(data), f"sha256:{hashlib.sha256(data).hexdigest()}")
+            for name, data in archives.items()})
+        result = _prepare(None, tmp_path / "out", cache=tmp_path / "cache", src_lang="de", tgt_lang="en",
+                          registry=registry, **EN_DE)
+    assert ("training-parallel-commoncrawl.tgz", f"bytes={len(archives['training-parallel-commoncrawl.tgz']) // 2}-") \
+        in server.requests
+    assert (result.manifest["src_lang"], result.manifest["tgt_lang"]) == ("de", "en")
+    # The German side is the source: dev.de is what newstest2012+2013's src.de.sgm hold.
+    dev_src = (tmp_path / "out/dev.de").read_text(encoding="utf-8").splitlines()
+    assert len(dev_src) == 120 and dev_src[0] == pairs(60, "en", "de", 12)[0][1]
+    train_a_few_steps(tmp_path / "out", "de", "en")
+
+
+def test_fr_en_prepares_and_trains(small_mirror: Path, tmp_path: Path) -> None:
+    # The sample holds newstest2014 both ways; dev.tgz holds every language as srcset and
+    # refset, which the sample does not: made here from the en-fr files (same segments).
+    for year_file, out_name in (("dev/newstest2013-ref.fr.sgm", "dev/newstest2013-src.fr.sgm"),
+                                ("dev/newstest2013-src.en.sgm", "dev/newstest2013-ref.en.sgm"),
+                                ("test/newstest2014-fren-ref.fr.sgm", "test/newstest2014-fren-src.fr.sgm"),
+                                ("test/newstest2014-fren-src.en.sgm", "test/newstest2014-fren-ref.en.sgm")):
+        (small_mirror / out_name).write_bytes((small_mirror / year_file).read_bytes())
+    result = _prepare(small_mirror, tmp_path / "out", src_lang="fr", tgt_lang="en")
+    assert (result.manifest["src_lang"], result.manifest["tgt_lang"]) == ("fr", "en")
+    assert (tmp_path / "out/test.fr").read_text(encoding="utf-8").splitlines()[1].startswith("Le sportif Jhonathan Florez")
+    assert result.manifest["sources"]["train"]["giga-fren"]["files"][0].endswith("giga-fren.fr.gz")
+    train_a_few_steps(tmp_path / "out", "fr", "en")

@@ -205,6 +205,16 @@ def expected_param_count(
     return n
 
 
+def encdec_param_count(vs: int, vt: int, e: int, h: int, m: int, gru: str) -> int:
+    """RNNencdec (Cho et al. 2014a): unidirectional encoder, c = tanh(V h_T), s_0 = tanh(V' c), c of size h."""
+    gru_params = (lambda inp: 3 * h * inp + 3 * h * h + 2 * 3 * h) if gru == "cudnn" else (lambda inp: 3 * h * inp + 3 * h + 3 * h * h)
+    n = vs * e + vt * e + gru_params(e)  # embeddings, encoder
+    n += 2 * (h * h + h)  # V and V'
+    n += gru_params(e + h)  # decoder cell over [E y; c]
+    n += (h + e + h) * 2 * m + 2 * m + m * vt + vt  # deep output, W_o
+    return n
+
+
 def tied_param_count(untied: int, vt: int, e: int, m: int) -> int:
     """Tied: W_o's matrix is E (only its bias is new), plus the maxout->embed projection."""
     return untied - m * vt + (m * e if m != e else 0)
@@ -251,11 +261,14 @@ def test_paper_configs_build_the_paper_models(name: str) -> None:
     assert (m.embed_size, m.hidden_size, m.align_size, m.maxout_size) == (620, 1000, 1000, 500)
     assert (m.init, m.dropout, m.tie_embeddings) == ("paper", 0.0, False)  # the paper's, no extras
     assert (cfg.optim.name, cfg.optim.eps, cfg.optim.rho, cfg.optim.clip_norm) == ("adadelta", 1e-6, 0.95, 1.0)
-    assert cfg.data.max_sentences == 80  # the paper's minibatch
+    assert cfg.train.batch_sentences == 80  # the paper's minibatch, per update
     with torch.device("meta"):
         model = build_model(m, 30000, 30000)
     n = sum(p.numel() for p in model.parameters())
-    assert n == expected_param_count(30000, 30000, 620, 1000, 1000, 500, arch == "rnnsearch", m.gru)
+    if arch == "rnnsearch":
+        assert n == expected_param_count(30000, 30000, 620, 1000, 1000, 500, True, m.gru)
+    else:
+        assert n == encdec_param_count(30000, 30000, 620, 1000, 500, m.gru)
     if name == "rnnsearch-50.yaml":
         assert m.gru == "paper" and n == 80_443_000  # the figure docs/MODEL.md gives
 

@@ -23,7 +23,9 @@ def plan(out: Path, tiny: bool, minutes: float | None, overrides: list[str]) -> 
     return [("data", common), ("model", common), ("train", common + sets), ("peer", peer),
             ("eval-lag", ["--run", str(out / "runs/distnmt"), "--out", str(out)]),
             # Without a GPU (or --tiny): its dry mode (tiny sizes, the GPU tests reported skipped).
-            ("gpu", common)]
+            ("gpu", common),
+            # Its own corpus, prepared data and runs: a subfolder, not beside peer's.
+            ("claim", ["--out", str(out / "claim")] + (["--tiny"] if tiny else []) + sets)]
 
 
 def main(argv: list[str]) -> int:

@@ -97,12 +97,11 @@ def build_corpus(sample: Path, dest: Path, pairs: int) -> tuple[Path, int]:
 
 
 def _prepare_child(spec: str) -> int:
-    """Runs in a separate process so its memory is measured alone: ``prepare(**spec)``."""
-    from distnmt.data import CleanRules, prepare
+    """Runs in a separate process so its memory is measured alone: ``prepare(DataConfig(**spec))``."""
+    from distnmt.config import DataConfig
+    from distnmt.data import prepare
 
-    kw = json.loads(spec)
-    kw["rules"] = CleanRules(**kw["rules"])
-    prepare(kw.pop("mirror"), kw.pop("out"), **kw)
+    prepare(DataConfig(**json.loads(spec)), progress=False)
     return 0
 
 
@@ -150,11 +149,11 @@ def run_prepare(mirror: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     """Prepare ``mirror`` into ``out`` in a child process; returns its figures."""
     from distnmt.data.prepared import PreparedData
 
-    spec = {
-        "mirror": str(mirror), "out": str(out), "preset": "sample", "dev_sets": ["newstest2013"],
-        "test_set": "newstest2014", "vocab_size": args.vocab_size, "max_len": 50, "workers": args.workers,
-        "shard_size": args.shard_size, "spm_sample_pairs": args.spm_sample_pairs, "progress": False,
-        "rules": {"max_words": 50, "max_ratio": 3.0, "dedupe": args.dedupe},
+    spec = {  # DataConfig's fields
+        "source_dir": str(mirror), "prepared_dir": str(out), "cache_dir": str(out / "cache"), "preset": "sample",
+        "dev_sets": ["newstest2013"], "test_set": "newstest2014", "vocab_size": args.vocab_size, "max_len": 50,
+        "workers": args.workers, "shard_size": args.shard_size, "spm_sample_pairs": args.spm_sample_pairs,
+        "max_words": 50, "max_ratio": 3.0, "dedupe": args.dedupe,
     }
     shutil.rmtree(out, ignore_errors=True)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from distnmt.config import Config, ModelConfig, load_config
+from distnmt.config import Config, DataConfig, ModelConfig, load_config
 from distnmt.data import BOS_ID, EOS_ID, PAD_ID, BucketBatchSampler, PreparedData, prepare
 from distnmt.model.build import build_model
 from distnmt.model.rnnsearch import RNNSearch
@@ -108,10 +108,9 @@ def _prepare_data(args: argparse.Namespace, cfg: Config, workdir: Path) -> Path:
     if args.prepared is not None:
         return args.prepared
     out = workdir / "prepared"
-    prepare(
-        args.sample, out, vocab_size=args.vocab_size, max_train_pairs=args.train_pairs,
-        max_len=cfg.data.max_len, progress=False,
-    )
+    prepare(DataConfig(source_dir=str(args.sample), prepared_dir=str(out), cache_dir=str(workdir / "cache"),
+                       vocab_size=args.vocab_size, max_train_pairs=args.train_pairs, max_len=cfg.data.max_len),
+            progress=False)
     return out
 
 

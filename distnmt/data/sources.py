@@ -1,12 +1,16 @@
-"""The WMT'14 English-French sources: archives, the files inside them, and presets.
+"""The WMT'14 sources, one registry per language pair: archives, the files inside them, presets.
 
 A *part* is one parallel training corpus (a pair of aligned files inside one
 archive); an *eval set* is one newstest source/reference SGML pair. ``{src}`` and
-``{tgt}`` in member names stand for the language codes, so the registry serves
-en->fr and fr->en alike. Checksums are those published with the archives, or
-computed by others from the official downloads (TensorFlow Datasets, sacreBLEU,
-gluon-nlp); where none is known, the field is None and the sha256 of what was
-read is still recorded in the manifest.
+``{tgt}`` in member names stand for the language codes, so one registry serves
+both directions of its pair (en->fr and fr->en; en->de and de->en). The two
+pairs share archives (Europarl v7, Common Crawl and News Commentary v9 hold the
+fr-en and de-en files side by side; dev.tgz and test-full.tgz hold every
+language's newstest SGML), so an archive's size and checksum are written once.
+Checksums are those published with the archives, or computed by others from the
+official downloads (TensorFlow Datasets, sacreBLEU, gluon-nlp); where none is
+known, the field is None and the sha256 of what was read is still recorded in
+the manifest. :func:`registry_for` picks the registry of a language pair.
 
 How ``prepare`` finds a part under a mirror directory is in
 :mod:`distnmt.data.fetch`: the extracted files (by member name, by base name,
@@ -62,16 +66,30 @@ class Registry:
     parts: dict[str, Part]
     eval_sets: dict[str, EvalSet]
     presets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The two language codes this registry's member names are written for, e.g.
+    # ("en", "fr"): either may be the source side. Empty: any (a test's registry).
+    langs: tuple[str, ...] = ()
+
+    @property
+    def pair(self) -> str:
+        """'en-fr', 'de-en': how error messages name the registry."""
+        return "-".join(self.langs) if self.langs else "any pair"
 
     def part(self, name: str) -> Part:
         if name not in self.parts:
-            raise DataError(f"data.parts: unknown part {name!r} (known: {', '.join(self.parts)})")
+            raise DataError(f"data.parts: unknown part {name!r} (known: {', '.join(self.parts)}; registry {self.pair})")
         return self.parts[name]
 
     def eval_set(self, name: str) -> EvalSet:
         if name not in self.eval_sets:
-            raise DataError(f"data: unknown eval set {name!r} (known: {', '.join(self.eval_sets)})")
+            raise DataError(f"data: unknown eval set {name!r} (known: {', '.join(self.eval_sets)}; registry {self.pair})")
         return self.eval_sets[name]
+
+    def check_langs(self, src: str, tgt: str) -> None:
+        """A one-line error when this registry's files are not in ``src`` and ``tgt``."""
+        if self.langs and sorted((src, tgt)) != sorted(self.langs):
+            raise DataError(f"data.src_lang/tgt_lang: {src}->{tgt} is not in the {self.pair} registry "
+                            f"(it has {self.langs[0]}->{self.langs[1]} and {self.langs[1]}->{self.langs[0]})")
 
     def archive_of(self, item: Part | EvalSet) -> Archive:
         return self.archives[item.archive]
@@ -86,7 +104,8 @@ class Registry:
             names = list(parts)
         elif preset is not None:
             if preset not in self.presets:
-                raise DataError(f"data.preset: unknown preset {preset!r} (known: {', '.join(self.presets)})")
+                raise DataError(f"data.preset: unknown preset {preset!r} "
+                                f"(known: {', '.join(self.presets)}; registry {self.pair})")
             names = list(self.presets[preset])
         else:
             raise DataError("data: choose training parts with data.preset or data.parts")
@@ -173,9 +192,72 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "sample": ("europarl-v7", "news-commentary-v9", "giga-fren"),
 }
 
+# Also under the pair's name, beside "wmt14-en-de".
+PRESETS["wmt14-en-fr"] = WMT14_PARTS
+
 REGISTRY = Registry(
     archives={a.name: a for a in _ARCHIVES},
     parts={p.name: p for p in _PARTS},
     eval_sets={e.name: e for e in _EVAL_SETS},
     presets=PRESETS,
+    langs=("en", "fr"),
 )
+"""WMT'14 English-French (either direction)."""
+
+# ---------------------------------------------------------------------------- English-German
+#
+# WMT'14 En-De trains on three corpora (no UN, no giga-fren: those are fr-en only),
+# each in the same archive as its fr-en files, under "de-en" member names; the
+# archive names, sizes and checksums above hold for both pairs. Member names as in
+# fairseq's examples/translation/prepare-wmt14en2de.sh (its CORPORA, with the --icml17
+# choice of News Commentary v9) and the statmt.org archives. Line counts of the de-en
+# files as extracted: Europarl v7 1,920,209, Common Crawl 2,399,123, News Commentary v9
+# 201,288, 4,520,620 in all (TensorFlow Datasets' wmt14_translate/de-en lists 4,508,785
+# training examples: it filters some out).
+
+_DE_PARTS = [
+    Part("europarl-v7", "training-parallel-europarl-v7.tgz",
+         ("training/europarl-v7.de-en.{src}", "training/europarl-v7.de-en.{tgt}"),
+         "Europarl v7 German-English: European Parliament proceedings", pairs=1920209),
+    Part("commoncrawl", "training-parallel-commoncrawl.tgz",
+         ("commoncrawl.de-en.{src}", "commoncrawl.de-en.{tgt}"),
+         "Common Crawl German-English web text", pairs=2399123),
+    Part("news-commentary-v9", "training-parallel-nc-v9.tgz",
+         ("training/news-commentary-v9.de-en.{src}", "training/news-commentary-v9.de-en.{tgt}"),
+         "News Commentary v9 German-English", aliases=("news-commentary",), pairs=201288),
+]
+
+_DE_EVAL_SETS = [
+    # dev.tgz holds newstest2012/2013 in every language as srcset and refset files
+    # (the same segments), so the En-Fr entries serve En-De as they are.
+    *(e for e in _EVAL_SETS if e.name in ("newstest2012", "newstest2013")),
+    # sacreBLEU's "wmt14/full" entry names these members for en-de and de-en.
+    EvalSet("newstest2014", "test-full.tgz",
+            ("test-full/newstest2014-deen-src.{src}.sgm", "test-full/newstest2014-deen-ref.{tgt}.sgm"), 3003,
+            "WMT'14 En-De test set, 'full' release (3003 segments; the 'filtered' one has 2737)"),
+]
+
+WMT14_EN_DE_PARTS = tuple(p.name for p in _DE_PARTS)
+
+REGISTRY_EN_DE = Registry(
+    archives={a.name: a for a in _ARCHIVES},
+    parts={p.name: p for p in _DE_PARTS},
+    eval_sets={e.name: e for e in _DE_EVAL_SETS},
+    # All three WMT'14 En-De corpora as released: about 4.5M pairs (Luong et al.
+    # 2015 and Jean et al. 2015 train on these, with newstest2014 as the test set).
+    presets={"wmt14-en-de": WMT14_EN_DE_PARTS},
+    langs=("en", "de"),
+)
+"""WMT'14 English-German (either direction)."""
+
+REGISTRIES: dict[str, Registry] = {r.pair: r for r in (REGISTRY, REGISTRY_EN_DE)}
+
+
+def registry_for(src_lang: str, tgt_lang: str) -> Registry:
+    """The registry holding ``src_lang`` and ``tgt_lang`` (either direction); a one-line error listing the pairs."""
+    for registry in REGISTRIES.values():
+        if sorted(registry.langs) == sorted((src_lang, tgt_lang)):
+            return registry
+    have = ", ".join(f"{a}->{b} and {b}->{a}" for a, b in (r.langs for r in REGISTRIES.values()))
+    raise DataError(f"data.src_lang/tgt_lang: no WMT'14 registry for {src_lang}->{tgt_lang} (has: {have}); "
+                    "for other languages list your own files under data.corpora (docs/DATA.md, 'Your own data')")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from distnmt.checkpoint import read_meta
 from distnmt.config import Config, EvalConfig
 from distnmt.data.batch import collate
+from distnmt.data.custom import own_split_name
 from distnmt.data.prepared import PreparedData
 from distnmt.data.tokenizer import PAD_ID
 from distnmt.evaluate.records import DECODE_KEYS, RecordStore, ScoreRecord, lag_between
@@ -70,7 +71,9 @@ def load_split(prepared: PreparedData, cfg: Config, split: str) -> EvalSplit:
     limit = cfg.eval.max_sentences
     if limit is not None:
         sources, references = sources[:limit], references[:limit]
-    name = eval_set_name(cfg.data.dev_prefix if split == "dev" else cfg.data.test_src)
+    own = cfg.data.dev if split == "dev" else cfg.data.test  # a user's own files
+    name = (own_split_name(own) if own is not None
+            else eval_set_name(cfg.data.dev_prefix if split == "dev" else cfg.data.test_src))
     return EvalSplit(split, name, sources, references)
 
 
@@ -120,7 +123,7 @@ def score(translator: Translator, data: EvalSplit, checkpoint: str, step: int, o
     started, cpu_started = time.time(), time.process_time()
     hypotheses = translator.translate(data.sources)
     decoded, cpu_decoded = time.time(), time.process_time()
-    scores = score_corpus(hypotheses, data.references)
+    scores = score_corpus(hypotheses, data.references, translator.eval_cfg.bleu_tokenize)
     nats, tokens = cross_entropy(translator, data.sources, data.references)
     decode_seconds = decoded - started
     record = ScoreRecord(

@@ -26,11 +26,12 @@ class Scores:
         return asdict(self)
 
 
-def score_corpus(hypotheses: list[str], references: list[str]) -> Scores:
-    """Detokenized hypotheses vs raw references (sacreBLEU's defaults: 13a, exp smoothing)."""
+def score_corpus(hypotheses: list[str], references: list[str], tokenize: str = "13a") -> Scores:
+    """Detokenized hypotheses vs raw references (sacreBLEU's defaults: exp smoothing; BLEU's
+    ``tokenize`` is eval.bleu_tokenize, e.g. zh or ja-mecab for such targets, and in the signature)."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    bleu_metric, chrf_metric = BLEU(), CHRF()
+    bleu_metric, chrf_metric = BLEU(tokenize=tokenize), CHRF()
     bleu = bleu_metric.corpus_score(hypotheses, [references])
     chrf = chrf_metric.corpus_score(hypotheses, [references])
     return Scores(

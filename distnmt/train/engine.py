@@ -7,7 +7,8 @@ mixed precision, loss scaling, gradient accumulation, clipping, the LR
 schedule, how optimizer state is saved) stays in this file.
 
 Loss normalisation is the same for both engines and exact: each rank scales
-its summed token loss by ``world / global_target_tokens`` (one all-reduce of a
+its summed token loss by ``world / global_target_tokens`` (or ``world /
+global_sentences`` with ``train.loss_norm: sentence``; one all-reduce of a
 scalar per step), so after the engines average gradients over ranks the
 update equals a single-process step on all ranks' micro-batches together,
 however unevenly the tokens fall across ranks and micro-batches.
@@ -90,14 +91,24 @@ def _host_to_device(values: list[float], dtype: torch.dtype, device: torch.devic
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def loss_scale_factor(batches: list[Batch], device: torch.device) -> torch.Tensor | float:
-    """``world / global target tokens`` of this step, over all ranks and micro-batches.
+def loss_count(batches: list[Batch], loss_norm: str = "token") -> int:
+    """What this rank's summed token loss is divided by (summed over ranks): its target
+    tokens (``train.loss_norm: token``, a per-token mean) or its sentences (``sentence``:
+    the per-sentence sum of GroundHog / dl4mt, the scale of the paper's clipping and eps)."""
+    if loss_norm == "sentence":
+        return sum(b.src.size(0) for b in batches)
+    return sum(b.num_target_tokens() for b in batches)
+
+
+def loss_scale_factor(batches: list[Batch], device: torch.device, loss_norm: str = "token") -> torch.Tensor | float:
+    """``world / global target tokens`` (or sentences, see :func:`loss_count`) of this
+    step, over all ranks and micro-batches.
 
     One process: a host float (the counts are known on the host). Several: one
     all-reduce of a scalar on the device, divided there; nothing is read back.
     Both round like the float64 division ``world / tokens`` cast to fp32.
     """
-    local = float(sum(b.num_target_tokens() for b in batches))
+    local = float(loss_count(batches, loss_norm))
     world = _world()
     if world == 1:
         return 1.0 / max(local, 1.0)
@@ -169,7 +180,7 @@ class DDPEngine(Engine):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def train_step(self, batches: list[Batch]) -> StepStats:
-        scale = loss_scale_factor(batches, self.device)
+        scale = loss_scale_factor(batches, self.device, self.cfg.train.loss_norm)
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for i, batch in enumerate(batches):
@@ -320,7 +331,7 @@ class DeepSpeedEngine(Engine):
         self.module = self.engine.module
 
     def train_step(self, batches: list[Batch]) -> StepStats:
-        scale = loss_scale_factor(batches, self.device)
+        scale = loss_scale_factor(batches, self.device, self.cfg.train.loss_norm)
         losses = []
         for batch in batches:
             logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)

@@ -47,7 +47,7 @@ from distnmt.checkpoint import (
     write_nonfinite,
     write_rank_manifest,
 )
-from distnmt.config import Config
+from distnmt.config import Config, batch_budget, update_sentences
 from distnmt.data.prepared import PreparedData
 from distnmt.data.sampler import BucketBatchSampler
 from distnmt.data.tokenizer import PAD_ID
@@ -95,8 +95,10 @@ class Meter:
         self.started = time.time()
 
     def add(self, stats: StepStats) -> None:
-        for i, value in enumerate((stats.loss_sum, stats.tokens, stats.padded_tokens)):
-            self.sums[i] = self.sums[i] + value  # a float, or a device tensor: no host read
+        # The loss stays a device tensor (StepStats.loss_sum_t): adding it reads nothing back;
+        # the token counts were made on the host at collate time.
+        for i, value in enumerate((stats.loss_sum_t, stats.tokens, stats.padded_tokens)):
+            self.sums[i] = self.sums[i] + value
         self.steps += 1
 
     def read(self) -> dict[str, float]:
@@ -133,9 +135,10 @@ class Trainer:
         self.src, self.tgt = prepared.train_arrays()
         self.spm = spm_files(prepared.spm_model(cfg.data.src_lang), prepared.spm_model(cfg.data.tgt_lang))
         self.vocab_size = prepared.vocab_sizes
+        budget = batch_budget(cfg)  # data.max_tokens etc., or train.batch_sentences divided up
         self.sampler = BucketBatchSampler(
-            self.src.lengths, self.tgt.lengths, cfg.data.max_tokens, num_replicas=self.world, rank=self.rank,
-            seed=cfg.train.seed, pool_batches=cfg.data.pool_batches, max_sentences=cfg.data.max_sentences,
+            self.src.lengths, self.tgt.lengths, budget.max_tokens, num_replicas=self.world, rank=self.rank,
+            seed=cfg.train.seed, pool_batches=budget.pool_batches, max_sentences=budget.max_sentences,
             bucketing=cfg.data.bucketing,
         )
 
@@ -228,8 +231,9 @@ class Trainer:
         meter = Meter(self.device)
         loader = Prefetcher(step_groups(self.sampler, self.accumulate, self.epoch, self.cfg.train.max_epochs),
                             self.src, self.tgt, self.device)
-        group = loader.next() if self.step < self.cfg.train.max_steps else None
-        reason = None if group is not None else f"train.max_steps={self.cfg.train.max_steps} reached"
+        done = self.step >= self.cfg.train.max_steps  # a rerun of a finished run trains nothing
+        group = None if done else loader.next()
+        reason = f"train.max_steps={self.cfg.train.max_steps} reached" if done else None
         self.budget.start()
         try:
             while group is not None and reason is None:
@@ -243,7 +247,7 @@ class Trainer:
                 if batch_log is not None:
                     self._log_batches(batch_log, group)
 
-                facts = agree(stats.finite, self.budget.spent(), self.rank, self.device)
+                facts = agree(stats.finite_t, self.budget.spent(), self.rank, self.device)
                 if self.streak.update(facts.nonfinite) and self.rank == 0:
                     say(f"[train] step {self.step}: non-finite loss or gradient, update skipped "
                         f"({self.streak.streak} in a row)")
@@ -255,7 +259,8 @@ class Trainer:
                     self._report_nonfinite()
                     break
                 preempted = self._preempted()
-                if self.checkpoints.due(self.step, facts.out_of_time, preempted) and self._checkpointable():
+                last = upcoming is None  # train.max_epochs: no batch left
+                if self.checkpoints.due(self.step, facts.out_of_time, preempted, last) and self._checkpointable():
                     self.save(wandb_run.id if wandb_run is not None else self.wandb_id)
                     reason = self.session.stop_reason() or reason
                 group = upcoming
@@ -297,6 +302,12 @@ class Trainer:
     def _effective_batch_line(self) -> str:
         """How the effective batch was kept at this world size."""
         train = self.cfg.train
+        if train.batch_sentences is not None:
+            have = update_sentences(self.cfg, self.world)
+            how = ("train.batch_sentences" if have == train.batch_sentences
+                   else f"not the configured {train.batch_sentences}: {self.world} does not divide it")
+            return (f"[train] world size {self.world}: accumulating {self.accumulate} micro-batch(es) of "
+                    f"{batch_budget(self.cfg).max_sentences} sentences per rank per step = {have} sentences per step, {how}")
         want = train.accumulate * train.max_workers * self.cfg.data.max_tokens
         have = self.accumulate * self.world * self.cfg.data.max_tokens
         how = "the configured effective batch" if have == want else f"not the configured {want}: {self.world} does not divide it"
