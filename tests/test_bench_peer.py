@@ -209,7 +209,8 @@ def test_bench_all_runs_every_benchmark_into_one_out(tmp_path: Path) -> None:
     steps = plan(tmp_path, tiny=True, minutes=0.5, overrides=["train.workers=1"])
     assert [name for name, _ in steps] == [b for b in BENCHMARKS if b != "all"]
     for name, argv in steps:
-        assert argv[argv.index("--out") + 1] == str(tmp_path)
+        # claim prepares its own corpus: a subfolder of the one --out.
+        assert argv[argv.index("--out") + 1] == str(tmp_path / "claim" if name == "claim" else tmp_path)
         assert ("--tiny" in argv) == (name != "eval-lag")
     peer = dict(steps)["peer"]
     assert peer[peer.index("--minutes") + 1] == "0.5" and "train.workers=1" in peer
