@@ -205,7 +205,10 @@ def measure_training(cfg: Config, model_cfg: ModelConfig, vocab: tuple[int, int]
                      precisions: list[str], steps: int, device: torch.device, deadline: float,
                      say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Target tokens/s of the engine's step, per precision x token budget."""
-    src_len, tgt_len = synthetic_lengths(20000, cfg.data.max_len)
+    # Sentences of up to data.max_words (RNNsearch-50: 50), one subword per word here;
+    # data.max_len is only a guard against garbage lines.
+    longest = min(cfg.data.max_len, getattr(cfg.data, "max_words", None) or cfg.data.max_len)
+    src_len, tgt_len = synthetic_lengths(20000, longest)
     peak = device_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     results = []
     for precision in precisions:
@@ -217,7 +220,7 @@ def measure_training(cfg: Config, model_cfg: ModelConfig, vocab: tuple[int, int]
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
             batches = [b.pin_memory() for b in
-                       synthetic_batches(src_len, tgt_len, budget, steps + 2, vocab, cfg.data.max_sentences)]
+                       synthetic_batches(src_len, tgt_len, budget, steps + 2, vocab, cfg.data.max_batch_sentences)]
             engine = case_engine(cfg, model_cfg, "fp32" if tf32 else precision, vocab[0], vocab[1], device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

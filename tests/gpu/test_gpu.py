@@ -144,7 +144,7 @@ def test_the_engine_step_makes_no_host_sync_with_fused_adam() -> None:
 
 def _resume(rank: int, out: str) -> None:
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a warning, not an error, for an op without one
     from distnmt.train.rng import rng_state, set_rng_state
 
     device = torch.device("cuda")
