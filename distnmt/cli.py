@@ -207,7 +207,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 # distnmt/bench/<name>.py ("-" -> "_"), each with main(argv) -> int; "all" runs the others in turn.
-BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "claim", "all")
+BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "gpu", "claim", "all")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from distnmt.cli import main
-from distnmt.config import ConfigError, DataConfig, load_config
+from distnmt.config import ConfigError, DataConfig, config_from_dict, load_config
 from distnmt.data import DataError, PreparedData, load_manifest, prepare, read_lines, read_parallel
 from distnmt.data.clean import DROPPING_RULES
 from distnmt.data.shards import ids_path, index_path
@@ -168,6 +168,14 @@ def test_report_per_rule_per_part(small_mirror: Path, tmp_path: Path) -> None:
     assert json.loads(data.report_json.read_text()) == report
     table = data.report_md.read_text()
     assert "| giga-fren | 800 |" in table and "**total**" in table
+    # each rule's share: of the pairs read, and of the pairs still there when it ran
+    total = report["total"]
+    reached = total["read"] - sum(total[r] for r in DROPPING_RULES[:-1])
+    assert total["dropped_share"]["too_long"] == round(total["too_long"] / total["read"], 6)
+    assert total["dropped_share_of_reaching"]["too_long"] == round(total["too_long"] / reached, 6)
+    assert total["dropped_share_of_reaching"]["empty"] == total["dropped_share"]["empty"]  # the first rule
+    share = f"{100 * total['too_long'] / total['read']:.2f}% ({100 * total['too_long'] / reached:.2f}%)"
+    assert "Share dropped by each rule" in table and share in table.splitlines()[-1]
     # dedupe means no pair of the prepared data repeats
     src, tgt = data.train_arrays()
     pairs = {(tuple(src[i]), tuple(tgt[i])) for i in range(len(src))}
@@ -345,6 +353,38 @@ def test_each_data_value_is_checked_once_for_config_and_prepare(tmp_path: Path, 
     with pytest.raises(ConfigError, match=rf"^data\.{key}: {value!r} must "):
         prepare(_config(tmp_path, tmp_path / "out", **{key: value}), progress=False)
     assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("config", ["rnnsearch-50", "rnnencdec-30"])
+def test_paper_configs_filter_by_words_as_the_paper(small_mirror: Path, tmp_path: Path, config: str) -> None:
+    """Issue 14: the paper keeps every sentence of up to 50 (30) words; a subword cap at
+    the same number dropped a sixth of those. The paper configs' cap is only a guard."""
+    paper = load_config(QUICKSTART.parent / f"{config}.yaml").data
+    rules = dict(max_words=paper.max_words, max_ratio=paper.max_ratio, dedupe=paper.dedupe, max_len=paper.max_len)
+    total = _prepare_small(small_mirror, tmp_path, shard_size=1000, **rules).manifest["report"]["total"]
+    assert total["max_words"] > 0 and total["too_long"] == 0
+    # the old cap (max_len = max_words) on the same pairs: only encoding is redone
+    capped = _prepare_small(small_mirror, tmp_path, shard_size=1000, **{**rules, "max_len": paper.max_words})
+    share = capped.manifest["report"]["total"]["dropped_share_of_reaching"]["too_long"]
+    assert share > 0.05, share
+
+
+def test_data_max_sentences_is_renamed(tmp_path: Path) -> None:
+    """Issue 16.9: one name meant two things; the old data key is a one-line error naming the new one."""
+    config = tmp_path / "old.yaml"
+    config.write_text("data:\n  max_tokens: 2048\n  max_sentences: 80\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value).startswith(f"{config}:3: data.max_sentences is now data.max_batch_sentences (")
+    assert "\n" not in str(err.value) and "eval.max_sentences" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^--set: data.max_sentences is now data.max_batch_sentences \("):
+        load_config(None, ["data.max_sentences=80"])
+    cfg = load_config(None, ["data.max_batch_sentences=80", "eval.max_sentences=7"])
+    assert cfg.data.max_batch_sentences == 80 and cfg.eval.max_sentences == 7
+    # A checkpoint's stored config (written before the rename) still loads.
+    stored = cfg.to_dict()
+    stored["data"]["max_sentences"] = stored["data"].pop("max_batch_sentences")
+    assert config_from_dict(stored) == cfg
 
 
 def test_download_needs_registry_parts(tmp_path: Path) -> None:

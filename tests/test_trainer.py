@@ -144,6 +144,16 @@ def test_the_time_budget_checkpoints_and_stops(prepared: Path, tmp_path: Path) -
     assert _steps(run_dir) == [1]  # 6 ms is spent by the first step: checkpointed, as at max_steps
 
 
+def test_the_last_epoch_ends_the_run_with_a_checkpoint(prepared: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "epochs"
+    cfg = _cfg(prepared, run_dir, "train.max_steps=1000", "train.checkpoint_every=100", "train.max_epochs=1")
+    trainer = Trainer(cfg, run_dir, Session(run_dir))
+    steps = len(trainer.sampler)  # one batch per step
+    assert trainer.fit() == "train.max_epochs=1 reached"
+    assert _steps(run_dir) == [steps]
+    assert load_checkpoint(run_dir / f"checkpoint_{steps:08d}").state["sampler"]["position"] == steps
+
+
 class _Evaluator:
     """The evaluator's one answer the loop needs: stop after the second checkpoint it saw."""
 

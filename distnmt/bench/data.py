@@ -244,21 +244,11 @@ def measure_loader(prepared: Path, max_tokens: int, seconds: float, max_batches:
 
 
 def random_batch_efficiency(src: np.ndarray, tgt: np.ndarray, max_tokens: int, seed: int = 0) -> float:
-    """Padding efficiency of batches cut from a shuffled order, same budget rule, no sorting."""
-    s, t = src.astype(np.int64) + 1, tgt.astype(np.int64) + 1
-    order = np.random.default_rng(seed).permutation(len(s))
-    cost = np.maximum(s, t)[order]
-    real = padded = 0
-    start, n = 0, len(order)
-    while start < n:
-        limit = min(max_tokens // int(cost[start]), n - start)
-        window = np.maximum.accumulate(cost[start:start + limit]) * np.arange(1, limit + 1)
-        size = int(np.searchsorted(window, max_tokens, side="right"))
-        b = order[start:start + size]
-        real += int(s[b].sum() + t[b].sum())
-        padded += size * int(s[b].max() + t[b].max())
-        start += size
-    return real / padded
+    """Padding efficiency of batches cut from a shuffled order, same budget rule, no sorting:
+    the sampler's own naive cut (``bucketing=False``) over one pool of the whole corpus."""
+    from distnmt.data import BucketBatchSampler
+
+    return BucketBatchSampler(src, tgt, max_tokens, seed=seed, pool_batches=0, bucketing=False).padding_efficiency()
 
 
 def measure_padding(prepared: Path, max_tokens: int, copies: int = 1) -> dict[str, Any]:
@@ -296,20 +286,21 @@ def measure_padding(prepared: Path, max_tokens: int, copies: int = 1) -> dict[st
 
 
 def measure_step(prepared: Path, config: Path, tiny: bool, steps: int) -> dict[str, Any]:
-    """Target tokens/s of full training steps (forward, backward, update) on one core."""
+    """Target tokens/s of full training steps on one core: the engine's own step
+    (the config's optimizer, schedule, clipping and precision), one batch per step."""
     import dataclasses
 
     import torch
-    import torch.nn.functional as F
 
     from distnmt.config import load_config
     from distnmt.data import PAD_ID, BucketBatchSampler, PreparedData, collate
     from distnmt.model.build import build_model
+    from distnmt.train.engine import build_engine
 
     cfg = load_config(config)
-    model_cfg = cfg.model
     if tiny:
-        model_cfg = dataclasses.replace(model_cfg, embed_size=32, hidden_size=32, align_size=32, maxout_size=32)
+        cfg.model = dataclasses.replace(cfg.model, embed_size=32, hidden_size=32, align_size=32, maxout_size=32)
+    cfg.train = dataclasses.replace(cfg.train, accumulate=1, backend="ddp")
     old_mask = _one_core()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -317,24 +308,18 @@ def measure_step(prepared: Path, config: Path, tiny: bool, steps: int) -> dict[s
         torch.manual_seed(0)
         data = PreparedData.load(prepared)
         vocab = data.vocab_sizes
-        model = build_model(model_cfg, vocab["src"], vocab["tgt"], pad_id=PAD_ID)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model = build_model(cfg.model, vocab["src"], vocab["tgt"], pad_id=PAD_ID)
+        engine = build_engine(cfg, model, torch.device("cpu"))  # one process: no DDP wrapper, no Ray
         src, tgt = data.train_arrays()
         sampler = BucketBatchSampler(src.lengths, tgt.lengths, cfg.data.max_tokens, seed=2,
                                      pool_batches=cfg.data.pool_batches)
-        bf16 = cfg.train.precision == "bf16"
         tokens, elapsed, cpu = 0, 0.0, 0.0
         for i, indices in enumerate(sampler):
             if i > steps:
                 break
             batch = collate(src, tgt, indices)
             t0, c0 = time.perf_counter(), time.process_time()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            engine.train_step([batch])
             if i > 0:  # the first step pays for allocations and kernel selection
                 elapsed += time.perf_counter() - t0
                 cpu += time.process_time() - c0

@@ -431,9 +431,10 @@ def _write_eval_split(run: _Run, name: Split, files: Sequence[tuple[Path, Path]]
 # ---------------------------------------------------------------------------- stage 8: report, index
 
 
-def _report(sources: dict[str, Any], shards: list[_Shard], langs: tuple[str, str]) -> dict[str, dict[str, int]]:
-    """Per part: read, kept, pairs changed per modifying rule, pairs dropped per dropping rule."""
-    report: dict[str, dict[str, int]] = {}
+def _report(sources: dict[str, Any], shards: list[_Shard], langs: tuple[str, str]) -> dict[str, dict[str, Any]]:
+    """Per part: read, kept, pairs changed per modifying rule, pairs dropped per dropping rule,
+    and what share each dropping rule took (:func:`_shares`)."""
+    report: dict[str, dict[str, Any]] = {}
     for s in shards:
         row = report.setdefault(s.part, {"read": 0, "kept": 0, **{r: 0 for r in MODIFYING_RULES + DROPPING_RULES},
                                          **{f"tokens_{lang}": 0 for lang in langs}})
@@ -449,11 +450,31 @@ def _report(sources: dict[str, Any], shards: list[_Shard], langs: tuple[str, str
         dropped = sum(row[r] for r in DROPPING_RULES)
         if row["read"] != row["kept"] + dropped:  # a bug in this file, not bad data
             raise AssertionError(f"{part}: read {row['read']} != kept {row['kept']} + dropped {dropped}")
+    for row in report.values():
+        row.update(_shares(row))
     return report
 
 
-def format_report(report: dict[str, dict[str, int]]) -> str:
-    """A markdown table: one row per part and the total."""
+def _shares(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The share of pairs each dropping rule drops, two ways.
+
+    ``dropped_share``: of the pairs read. ``dropped_share_of_reaching``: of the pairs
+    still there when the rule runs (rules run in DROPPING_RULES order, a pair counted
+    under the first that drops it), i.e. what the rule itself costs on top of the ones
+    before it: the 50-subword cap's share of the pairs the paper's 50-word filter keeps.
+    """
+    reaching = row["read"]
+    of_read, of_reaching = {}, {}
+    for rule in DROPPING_RULES:
+        of_read[rule] = round(row[rule] / row["read"], 6) if row["read"] else 0.0
+        of_reaching[rule] = round(row[rule] / reaching, 6) if reaching else 0.0
+        reaching -= row[rule]
+    return {"dropped_share": of_read, "dropped_share_of_reaching": of_reaching}
+
+
+def format_report(report: dict[str, dict[str, Any]]) -> str:
+    """Two markdown tables, one row per part and the total: the counts, then each
+    dropping rule's share (of the pairs read, and of the pairs that reached it)."""
     columns = ["read", "kept", *MODIFYING_RULES, *DROPPING_RULES]
     lines = [
         "| part | " + " | ".join(columns) + " |",
@@ -462,6 +483,20 @@ def format_report(report: dict[str, dict[str, int]]) -> str:
     for part, row in report.items():
         name = f"**{part}**" if part == "total" else part
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:,}" for c in columns) + " |")
+    lines += [
+        "",
+        "Share dropped by each rule: % of the pairs read (% of the pairs still there when the rule ran; "
+        "rules run left to right, a pair counts under the first that drops it).",
+        "",
+        "| part | kept | " + " | ".join(DROPPING_RULES) + " |",
+        "|---|" + "---:|" * (len(DROPPING_RULES) + 1),
+    ]
+    for part, row in report.items():
+        name = f"**{part}**" if part == "total" else part
+        kept = f"{100 * row['kept'] / row['read']:.2f}%" if row["read"] else "-"
+        cells = [f"{100 * row['dropped_share'][r]:.2f}% ({100 * row['dropped_share_of_reaching'][r]:.2f}%)"
+                 for r in DROPPING_RULES]
+        lines.append(f"| {name} | {kept} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
