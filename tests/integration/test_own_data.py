@@ -48,16 +48,16 @@ def test_own_tsv_and_plain_files_train_through_ray_and_are_scored_with_the_confi
     manifest = json.loads((tmp_path / "prepared/manifest.json").read_text(encoding="utf-8"))
     assert list(manifest["report"]) == ["web", "more", "total"] and manifest["counts"]["dev"] == 30
 
-    from distnmt.train.driver import run_training
+    from distnmt.orchestrate import run_training
 
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     cfg = load_config(None, [*TINY, *data, "eval.bleu_tokenize=char", "train.workers=1", "train.max_steps=20",
                              "train.checkpoint_every=20", "eval.figures=false", f"train.storage_path={tmp_path}",
                              "train.name=own"])
     records = run_training(cfg)
-    assert [r["step"] for r in records] == [20]
+    assert [r.step for r in records] == [20]
     dev = records[0]
-    assert dev["test_set"] == "mydev" and dev["sentences"] == 30
-    assert "|tok:char|" in dev["bleu_signature"] and 0.0 <= dev["bleu"] <= 100.0
+    assert dev.test_set == "mydev" and dev.sentences == 30 and dev.bleu_tokenize == "char"
+    assert "|tok:char|" in dev.bleu_signature and 0.0 <= dev.bleu <= 100.0
     final = json.loads((tmp_path / "own/eval/final.json").read_text(encoding="utf-8"))
     assert final["test"]["test_set"] == "test" and "|tok:char|" in final["test"]["bleu_signature"]
