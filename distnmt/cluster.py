@@ -399,8 +399,8 @@ def listening_sockets(pids: Iterable[int]) -> list[tuple[int, str, int]]:
                 target = os.readlink(fd)
                 if target.startswith("socket:["):
                     inodes[target[8:-1]] = pid
-    found = []
-    parsed: set[bytes] = set()  # the run's processes share one network namespace: parse each table once
+    found: set[tuple[int, str, int]] = set()  # each process's table lists its namespace's every socket
+    parsed: set[bytes] = set()
     for pid in wanted:
         for name in ("tcp", "tcp6"):
             table = _read(Path(f"/proc/{pid}/net/{name}"))
@@ -415,8 +415,8 @@ def listening_sockets(pids: Iterable[int]) -> list[tuple[int, str, int]]:
                 if owner is None:
                     continue
                 address, port = cols[1].split(":")
-                found.append((owner, _decode_address(address), int(port, 16)))
-    return found
+                found.add((owner, _decode_address(address), int(port, 16)))
+    return sorted(found)
 
 
 def _decode_address(hex_address: str) -> str:
