@@ -44,7 +44,7 @@ TINY_TASK = {"max_words": 12, "train_pairs": 3000, "dev_pairs": 100, "test_pairs
 TINY = [
     "model.embed_size=32", "model.hidden_size=64", "model.align_size=64", "model.maxout_size=64",
     "optim.lr=0.01", "train.workers=1", "train.cpus_per_worker=1", "train.batch_sentences=32",
-    "train.max_steps=500", "train.checkpoint_every=250", "eval.beam_size=3", "eval.batch_sentences=100",
+    "train.max_steps=1000", "train.checkpoint_every=500", "eval.beam_size=3", "eval.batch_sentences=100",
     "eval.policy=every", "logging.log_every=50",
 ]
 
