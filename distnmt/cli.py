@@ -43,36 +43,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cleaning rule and per part. Re-running with the same inputs and config reuses
     what is done; see docs/DATA.md.
     """
-    from distnmt.data.clean import CleanRules
     from distnmt.data.prepare import prepare
     from distnmt.data.prepared import PreparedData
 
     overrides = list(args.overrides)
     if args.mirror is not None:
         overrides.append(f"data.source_dir={args.mirror}")
-    cfg = load_config(args.config, overrides)
-    d = cfg.data
+    cfg = load_config(args.config, overrides)  # every data value's range is checked here
     if args.synthetic is not None:  # [] for a bare --synthetic: the defaults
         _write_synthetic(cfg, args.synthetic)
-    # Range checks of the data keys only prepare reads (config.validate covers the shared ones).
-    for key, value, nullable in (("shard_size", d.shard_size, False), ("spm_sample_pairs", d.spm_sample_pairs, False),
-                                 ("workers", d.workers, True), ("max_words", d.max_words, True),
-                                 ("max_ratio", d.max_ratio, True)):
-        if value is not None and value < 1:
-            raise ConfigError(f"data.{key}: {value!r} must be at least 1" + (" or null" if nullable else ""))
-    rules = CleanRules(normalize=d.normalize, fold_line_breaks=d.fold_line_breaks, drop_empty=d.drop_empty,
-                       max_words=d.max_words, max_ratio=d.max_ratio, dedupe=d.dedupe)
     started = time.time()
-    result = prepare(
-        Path(d.source_dir) if d.source_dir is not None else None, Path(d.prepared_dir),
-        train_prefix=d.train_prefix, dev_prefix=d.dev_prefix, test_src=d.test_src, test_ref=d.test_ref,
-        src_lang=d.src_lang, tgt_lang=d.tgt_lang, vocab_size=d.vocab_size, model_type=d.spm_model_type,
-        max_len=d.max_len, max_train_pairs=d.max_train_pairs, seed=cfg.train.seed, progress=not args.quiet,
-        preset=d.preset, parts=d.parts, dev_sets=d.dev_sets, test_set=d.test_set, cache_dir=Path(d.cache_dir),
-        verify_checksums=d.verify_checksums, rules=rules, joint_vocab=d.joint_vocab,
-        spm_sample_pairs=d.spm_sample_pairs, shard_size=d.shard_size, workers=d.workers,
-        corpora=d.corpora, dev=d.dev, test=d.test,
-    )
+    result = prepare(cfg.data, seed=cfg.train.seed, progress=not args.quiet)
     counts = result.manifest.get("counts", {})
     print(f"[prepare] wrote {result.out_dir} in {time.time() - started:.1f} s: {json.dumps(counts)}", flush=True)
     print(f"[prepare] report: {PreparedData(result.out_dir).report_md}", flush=True)
@@ -226,7 +207,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 # distnmt/bench/<name>.py ("-" -> "_"), each with main(argv) -> int; "all" runs the others in turn.
-BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "claim", "all")
+BENCHMARKS = ("data", "model", "train", "peer", "eval-lag", "gpu", "claim", "all")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 NAMESPACE = "distnmt"
 LOOPBACK = "127.0.0.1"
 MARKER_VAR = "DISTNMT_RAY_CLUSTER"
+_SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's: "0" = one machine, loopback only
 LOG_DIR = "logs"  # under the run directory: ray-<time>.log, one per start of the run
 
 # A local run passes checkpoints through files, never through the object store; Ray's
@@ -69,10 +70,12 @@ class RayHandle:
         """Disconnect (and, for a local cluster, stop it); undo the log routing."""
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        # Ray's printer back first: ray.shutdown() removes it by name, and a handler
+        # put back after that would print every line twice under the next ray.init.
         while self._restore:
             self._restore.pop()()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def free_ports(count: int, host: str = "") -> list[int]:
@@ -121,7 +124,11 @@ def start_or_join(cfg: "Config", run_dir: Path) -> RayHandle:
             undo()
         raise
     handle._restore = restore + handle._restore
-    handle._restore.append(_route_worker_logs(log_path, cfg.logging.ray))
+    try:
+        handle._restore.append(_route_worker_logs(log_path, cfg.logging.ray))
+    except BaseException:
+        handle.stop()
+        raise
     return handle
 
 
@@ -155,14 +162,22 @@ def start_local(log_path: Optional[Path] = None, attempts: int = 3) -> RayHandle
     are told it (RAY_ADDRESS) before they start, no prestarted idle workers, a small
     object store. ``handle.stop()`` ends it."""
     import ray
+    from ray._private import ray_constants
 
     error: Optional[BaseException] = None
     for _ in range(attempts):
         gcs_port, dashboard_port = free_ports(2, LOOPBACK)
         gcs = f"{LOOPBACK}:{gcs_port}"
         # Read by Ray when it starts the head's GCS (there is no ray.init argument for it).
-        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        previous = {name: os.environ.get(name) for name in ("RAY_GCS_SERVER_PORT", _SINGLE_MACHINE_VAR)}
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+        # ray.init turns _node_ip_address="127.0.0.1" into the machine's address
+        # (services.resolve_ip_for_localhost) unless Ray is in its single-machine mode,
+        # the default on macOS and Windows: then every Ray process binds 127.0.0.1.
+        # The variable reaches the processes Ray starts; the constant, this one.
+        os.environ[_SINGLE_MACHINE_VAR] = "0"
+        was_cluster = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
         try:
             # address="local": a new cluster even when `ray start` runs on this machine
             # (plain ray.init() would join that one).
@@ -183,7 +198,9 @@ def start_local(log_path: Optional[Path] = None, attempts: int = 3) -> RayHandle
                 ray.shutdown()
             continue
         finally:
-            _set_env("RAY_GCS_SERVER_PORT", previous)
+            ray_constants.ENABLE_RAY_CLUSTER = was_cluster
+            for name, value in previous.items():
+                _set_env(name, value)
         previous_address = os.environ.get("RAY_ADDRESS")
         os.environ["RAY_ADDRESS"] = gcs  # the driver's own state-API calls
         return RayHandle(gcs, owned=True, log_path=log_path,
@@ -193,10 +210,12 @@ def start_local(log_path: Optional[Path] = None, attempts: int = 3) -> RayHandle
 
 # ---------------------------------------------------------------- log routing
 
-# A line a user must see: a warning, an error, a traceback, a failure.
+# A line a user must see: a warning, an error, a traceback, a failure; or a line of
+# Ray's C++ core logged at severity W, E or F ("[2026-12-02 06:04:12,438 E 15997 16045] ...").
 _ACTIONABLE = re.compile(
     r"warn|error|exception|traceback|fail|fatal|abort|killed|timed? ?out|unable|cannot|could not|"
-    r"not found|invalid|denied|out of memory|oom|deprecat|^\s+File \"",
+    r"not found|invalid|denied|out of memory|oom|deprecat|^\s+File \"|"
+    r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [WEF] \d+ \d+\]",
     re.IGNORECASE,
 )
 
@@ -263,12 +282,7 @@ def _route_worker_logs(log_path: Path, level: str) -> Callable[[], None]:
     from ray._private import worker as ray_worker
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    # Ray 2.60 keeps its handlers as a list of (name, handler) pairs; older ones, a dict.
-    handlers = getattr(dispatcher, "handlers", None)
-    if isinstance(handlers, dict):
-        original = handlers.get("ray_print_logs")
-    else:
-        original = next((h for name, h in handlers or [] if name == "ray_print_logs"), None)
+    original = dict(dispatcher.handlers).get("ray_print_logs")  # a list of (name, handler)
     if original is None:  # log_to_driver off, or not a driver: nothing is forwarded here
         return lambda: None
     log = _log_file(log_path)
@@ -385,8 +399,8 @@ def listening_sockets(pids: Iterable[int]) -> list[tuple[int, str, int]]:
                 target = os.readlink(fd)
                 if target.startswith("socket:["):
                     inodes[target[8:-1]] = pid
-    found = []
-    parsed: set[bytes] = set()  # the run's processes share one network namespace: parse each table once
+    found: set[tuple[int, str, int]] = set()  # each process's table lists its namespace's every socket
+    parsed: set[bytes] = set()
     for pid in wanted:
         for name in ("tcp", "tcp6"):
             table = _read(Path(f"/proc/{pid}/net/{name}"))
@@ -401,8 +415,8 @@ def listening_sockets(pids: Iterable[int]) -> list[tuple[int, str, int]]:
                 if owner is None:
                     continue
                 address, port = cols[1].split(":")
-                found.append((owner, _decode_address(address), int(port, 16)))
-    return found
+                found.add((owner, _decode_address(address), int(port, 16)))
+    return sorted(found)
 
 
 def _decode_address(hex_address: str) -> str:

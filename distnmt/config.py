@@ -78,7 +78,9 @@ class DataConfig:
     # Batching.
     max_tokens: int = 2048
     pool_batches: int = 20
-    max_sentences: Optional[int] = None
+    # At most this many sentences in one worker's batch (null: the token budget only).
+    # Was data.max_sentences, which eval.max_sentences (sentences scored) also spelled.
+    max_batch_sentences: Optional[int] = None
     # False: the naive baseline of `distnmt bench peer` (random batches at the same
     # token budget, no length sorting); true keeps the length-bucketed batches.
     bucketing: bool = True
@@ -86,6 +88,29 @@ class DataConfig:
     corpora: Optional[list[CorpusFiles]] = None
     dev: Optional[CorpusFiles] = None
     test: Optional[CorpusFiles] = None
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """Every range check of a data value, in one place: ``(ok, dotted key, what is wrong)``.
+
+        :func:`validate` runs them for a loaded config and :func:`check_data` for a
+        ``DataConfig`` built in code (``prepare`` calls it), so the two never drift.
+        """
+        return [
+            (self.src_lang != self.tgt_lang, "data.tgt_lang", f"must differ from data.src_lang ({self.src_lang!r})"),
+            (self.vocab_size >= 100, "data.vocab_size", "must be at least 100"),
+            (self.spm_sample_pairs >= 1, "data.spm_sample_pairs", "must be at least 1"),
+            (self.max_words is None or self.max_words >= 1, "data.max_words", "must be at least 1 or null"),
+            (self.max_ratio is None or self.max_ratio >= 1, "data.max_ratio", "must be at least 1 or null"),
+            (self.max_len >= 1, "data.max_len", "must be at least 1"),
+            # A batch must fit the longest allowed pair (+1 for EOS/BOS).
+            (self.max_tokens >= self.max_len + 1, "data.max_tokens", f"must be at least data.max_len + 1 = {self.max_len + 1}"),
+            (self.max_train_pairs is None or self.max_train_pairs >= 1, "data.max_train_pairs", "must be at least 1 or null"),
+            (self.shard_size >= 1, "data.shard_size", "must be at least 1"),
+            (self.workers is None or self.workers >= 1, "data.workers", "must be at least 1 or null (every core)"),
+            (self.pool_batches >= 0, "data.pool_batches", "must be >= 0 (0: the whole epoch)"),
+            (self.max_batch_sentences is None or self.max_batch_sentences >= 1, "data.max_batch_sentences",
+             "must be at least 1 or null"),
+        ]
 
 
 @dataclass
@@ -247,6 +272,19 @@ class Config:
         """Plain nested dict (YAML/JSON-safe), e.g. to store inside a checkpoint."""
         return dataclasses.asdict(self)
 
+    def step_token_budget(self, world: Optional[int] = None) -> int:
+        """Token budget of one optimizer step, all ranks together.
+
+        A batch costs ``sentences * max(longest source + 1, longest target + 1)`` and
+        stays within ``data.max_tokens``; each of ``world`` ranks (default
+        ``train.max_workers``, the configured run) takes ``train.accumulate_at(world)``
+        of them per step. At another world size the figure is what that group
+        actually trains on (it differs from the configured one where ``world`` does
+        not divide the effective batch).
+        """
+        ranks = self.train.max_workers if world is None else world
+        return self.data.max_tokens * self.train.accumulate_at(ranks) * ranks
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -345,6 +383,31 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file
 
 
+# Keys renamed since a release: an old config gets one line naming the new key (a
+# checkpoint's stored config is upgraded silently by config_from_dict).
+RENAMED: dict[str, tuple[str, str]] = {  # old key: (new key, why)
+    "data.max_sentences": ("data.max_batch_sentences",
+                           "the cap on sentences per training batch; eval.max_sentences is how many dev/test sentences are scored"),
+}
+
+
+def _renamed(key: str) -> str:
+    new, why = RENAMED[key]
+    return f"{key} is now {new} ({why})"
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (a checkpoint's) with its renamed keys under their new names."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, (new, _) in RENAMED.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        section = data.get(old_section)
+        if isinstance(section, dict) and old_name in section:
+            value = section.pop(old_name)
+            data.setdefault(new_section, {}).setdefault(new_name, value)
+    return data
+
+
 def _build(cls: type, data: Any, prefix: str, where: _Where) -> Any:
     """Build dataclass ``cls`` from a mapping, checking every key and type."""
     if not isinstance(data, dict):
@@ -354,6 +417,8 @@ def _build(cls: type, data: Any, prefix: str, where: _Where) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
+        if key in RENAMED:
+            raise ConfigError(f"{where(key)}{_renamed(key)}")
         if name not in names:
             raise ConfigError(f"{where(key)}unknown key {key!r}{_suggest(str(name), names, prefix)}")
         tp = hints[name]
@@ -384,6 +449,8 @@ def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     for depth, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(cls)]
         dotted = ".".join(parts[: depth + 1])
+        if dotted in RENAMED:
+            raise ConfigError(f"--set: {_renamed(dotted)}")
         if part not in names:
             prefix = ".".join(parts[:depth]) + "." if depth else ""
             raise ConfigError(f"--set: unknown key {dotted!r}{_suggest(part, names, prefix)}")
@@ -441,11 +508,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
         (cfg.train.keep_checkpoints is None or cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1 or null"),
         (cfg.train.max_failures >= -1, "train.max_failures", "must be -1 (forever) or more"),
-        (cfg.data.vocab_size >= 100, "data.vocab_size", "must be at least 100"),
-        (cfg.data.max_len >= 1, "data.max_len", "must be at least 1"),
-        # A batch must fit the longest allowed pair (+1 for EOS/BOS).
-        (cfg.data.max_tokens >= cfg.data.max_len + 1, "data.max_tokens", f"must be at least data.max_len + 1 = {cfg.data.max_len + 1}"),
-        (cfg.data.max_train_pairs is None or cfg.data.max_train_pairs >= 1, "data.max_train_pairs", "must be at least 1 or null"),
+        *cfg.data.checks(),
         (min(cfg.model.embed_size, cfg.model.hidden_size, cfg.model.align_size, cfg.model.maxout_size) >= 1, "model", "sizes must be positive"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", "must be positive"),
@@ -456,7 +519,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)"),
         (cfg.train.accumulate >= 1, "train.accumulate", "must be at least 1"),
         (cfg.train.batch_sentences is None or cfg.train.batch_sentences >= 1, "train.batch_sentences", "must be at least 1 or null"),
-        (cfg.train.batch_sentences is None or cfg.data.max_sentences is None, "data.max_sentences",
+        (cfg.train.batch_sentences is None or cfg.data.max_batch_sentences is None, "data.max_batch_sentences",
          "must be null when train.batch_sentences is set (the per-worker batch is derived from it)"),
         (cfg.train.batch_sentences is None or cfg.train.batch_sentences % (cfg.train.accumulate * cfg.train.max_workers) == 0,
          "train.batch_sentences", f"must be a multiple of train.accumulate x the most workers = "
@@ -551,7 +614,7 @@ class BatchBudget:
 def batch_budget(cfg: Config) -> BatchBudget:
     """The micro-batch budget of a run; independent of the world size it runs at.
 
-    Without ``train.batch_sentences``: ``data.max_tokens`` / ``data.max_sentences`` /
+    Without ``train.batch_sentences``: ``data.max_tokens`` / ``data.max_batch_sentences`` /
     ``data.pool_batches`` as configured. With it (the paper's 80 sentences per update):
     a micro-batch holds ``m = batch_sentences / (accumulate x max_workers)`` sentences,
     the token budget ``m x (max_len + 1)`` never binds (every pair fits), and a pool
@@ -564,7 +627,7 @@ def batch_budget(cfg: Config) -> BatchBudget:
     """
     d, t = cfg.data, cfg.train
     if t.batch_sentences is None:
-        return BatchBudget(d.max_tokens, d.max_sentences, d.pool_batches)
+        return BatchBudget(d.max_tokens, d.max_batch_sentences, d.pool_batches)
     micro = t.accumulate * t.max_workers
     per = t.batch_sentences // micro
     return BatchBudget(max_tokens=per * (d.max_len + 1), max_sentences=per, pool_batches=d.pool_batches * micro)
@@ -576,6 +639,13 @@ def update_sentences(cfg: Config, world: int) -> Optional[int]:
     if cfg.train.batch_sentences is None or budget.max_sentences is None:
         return None
     return budget.max_sentences * cfg.train.accumulate_at(world) * world
+
+
+def check_data(data: DataConfig) -> None:
+    """:meth:`DataConfig.checks` for a ``DataConfig`` built in code; ConfigError naming the key."""
+    for ok, key, message in data.checks():
+        if not ok:
+            raise ConfigError(f"{key}: {getattr(data, key.split('.', 1)[1])!r} {message}")
 
 
 def _workers_ok(workers: Union[int, list[int]]) -> bool:
@@ -593,6 +663,6 @@ def _lookup(cfg: Config, key: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
-    cfg = _build(Config, data, "", _Where())
+    cfg = _build(Config, _upgrade(data), "", _Where())
     validate(cfg)
     return cfg

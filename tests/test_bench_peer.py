@@ -27,7 +27,6 @@ from distnmt.bench.peer import (
     minutes_to_xent,
     parse_joeynmt_log,
     ratios,
-    step_token_budget,
     tree_rss_mib,
 )
 from distnmt.config import ConfigError, load_config
@@ -67,7 +66,7 @@ def test_joeynmt_config_has_our_sizes_data_and_budget(tmp_path: Path) -> None:
     assert enc["dropout"] == dec["dropout"] == dec["hidden_dropout"] == 0.0
     train = joey["training"]
     # One JoeyNMT process takes a whole distnmt step's budget: max_tokens x accumulate x workers.
-    assert step_token_budget(cfg) == 1000 * 3 * 2 == joeynmt_batch_size(cfg) == train["batch_size"]
+    assert cfg.step_token_budget() == 1000 * 3 * 2 == joeynmt_batch_size(cfg) == train["batch_size"]
     assert (train["batch_type"], train["optimizer"], train["learning_rate"]) == ("token", "adam", 0.001)
     assert train["logging_freq"] == 20 and train["validation_freq"] == 80  # quickstart's log_every
     # JoeyNMT refuses a logging_freq not below, or not dividing, validation_freq.
@@ -210,7 +209,8 @@ def test_bench_all_runs_every_benchmark_into_one_out(tmp_path: Path) -> None:
     steps = plan(tmp_path, tiny=True, minutes=0.5, overrides=["train.workers=1"])
     assert [name for name, _ in steps] == [b for b in BENCHMARKS if b != "all"]
     for name, argv in steps:
-        assert argv[argv.index("--out") + 1] == str(tmp_path)
+        # claim prepares its own corpus: a subfolder of the one --out.
+        assert argv[argv.index("--out") + 1] == str(tmp_path / "claim" if name == "claim" else tmp_path)
         assert ("--tiny" in argv) == (name != "eval-lag")
     peer = dict(steps)["peer"]
     assert peer[peer.index("--minutes") + 1] == "0.5" and "train.workers=1" in peer

@@ -29,6 +29,9 @@ from distnmt.cluster import (
     "Running validations for checkpoint(s): [].",
     "Staged validations for checkpoint(s): [].",
     "Setting up process group for: env:// [rank=0, world_size=2]",
+    "Requesting resources: {'CPU': 0.9} * 2",
+    "- (ip=127.0.0.1, pid=16410) world_rank=0, local_rank=0, node_rank=0",
+    "[2026-12-02 06:04:12,438 I 15997 16045] core_worker.cc:100: informational",
 ])
 def test_ray_train_informational_lines_are_held_back(line: str) -> None:
     assert is_ray_info(line, is_err=True)
@@ -42,6 +45,8 @@ def test_ray_train_informational_lines_are_held_back(line: str) -> None:
     "ValueError: bad value",
     "UserWarning: TypedStorage is deprecated",
     "A worker died or was killed while executing a task by an unexpected system error.",
+    "[2026-12-02 06:04:12,438 E 15997 16045] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+    "and ID: '697f' has constructor arguments in the object store and max_restarts > 0.",
 ])
 def test_warnings_errors_and_tracebacks_reach_the_console(line: str) -> None:
     assert not is_ray_info(line, is_err=True)
@@ -97,3 +102,78 @@ def test_proc_net_addresses_decode() -> None:
     assert _decode_address("0100007F") == "127.0.0.1"
     assert _decode_address("00000000000000000000000001000000") == "::1"
     assert _decode_address("00000000000000000000000000000000") == "::"
+
+
+@pytest.mark.parametrize("level", ["warning", "info"])
+def test_forwarded_lines_go_to_the_file_and_only_some_to_the_console(level: str, tmp_path) -> None:
+    """Ray's dispatcher of the lines forwarded from workers, with a printer in place of
+    the one ray.init installs: every line reaches the run's log file; the console's
+    printer gets all but Ray's informational ones (all of them with logging.ray: info);
+    the undo puts Ray's printer back."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    from distnmt.cluster import _route_worker_logs
+
+    printed: list[str] = []
+
+    def printer(data: dict) -> None:
+        printed.extend(data["lines"])
+
+    dispatcher.add_handler("ray_print_logs", printer)
+    log = tmp_path / "logs" / "ray-1.log"
+    try:
+        undo = _route_worker_logs(log, level)
+        dispatcher.emit({"pid": 7, "actor_name": "RayTrainWorker", "is_err": True,
+                         "lines": ["Checkpoint successfully created at: Checkpoint(path=/r/checkpoint_1)",
+                                   "Reporting training result 1: TrainingReport(...)"]})
+        dispatcher.emit({"pid": 7, "actor_name": "RayTrainWorker", "is_err": False,
+                         "lines": ["[train] step 10/20 epoch 0 | loss 5.0"]})
+        dispatcher.emit({"pid": 8, "actor_name": "TrainController", "is_err": True,
+                         "lines": ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: x"]})
+        undo()
+        assert [name for name, _ in dispatcher.handlers if name == "ray_print_logs"] == ["ray_print_logs"]
+        assert dict(dispatcher.handlers)["ray_print_logs"] is printer
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+    shown = ["[train] step 10/20 epoch 0 | loss 5.0", "Traceback (most recent call last):", '  File "x.py", line 1',
+             "ValueError: x"]
+    if level == "info":
+        shown = ["Checkpoint successfully created at: Checkpoint(path=/r/checkpoint_1)",
+                 "Reporting training result 1: TrainingReport(...)", *shown]
+    assert printed == shown
+    logged = log.read_text()
+    assert "(RayTrainWorker pid=7 stderr) Checkpoint successfully created" in logged
+    assert "(RayTrainWorker pid=7) [train] step 10/20" in logged and "ValueError: x" in logged
+
+
+def test_this_process_ray_logger_info_to_the_file_warnings_to_the_console(tmp_path) -> None:
+    """The driver's own "ray" logger: its console handlers pass WARNING and up only;
+    INFO ("Started a local Ray instance") goes to the run's log file; undone after."""
+    import logging
+
+    import ray  # noqa: F401  (configures the "ray" logger's console handler)
+
+    from distnmt.cluster import _log_files, _route_driver_logs
+
+    log = tmp_path / "ray.log"
+    logger = logging.getLogger("ray")
+    console = list(logger.handlers)
+    levels = [h.level for h in console]
+    assert console, "ray configures a console handler of its own"
+    undo = _route_driver_logs(log, "warning")
+    try:
+        assert all(h.level == logging.WARNING for h in console)
+        logger.info("Started a local Ray instance.")
+        logger.warning("Token authentication is enabled for this Ray cluster.")
+    finally:
+        undo()
+        _log_files.pop(log).close()
+    logged = log.read_text()
+    assert "INFO ray: Started a local Ray instance." in logged and "Token authentication" in logged
+    assert list(logger.handlers) == console and [h.level for h in console] == levels
+    undo = _route_driver_logs(log, "info")  # logging.ray: info leaves the console as Ray set it
+    try:
+        assert [h.level for h in console] == levels
+    finally:
+        undo()
+        _log_files.pop(log).close()

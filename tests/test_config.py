@@ -39,7 +39,7 @@ def test_paper_config_has_the_paper_values() -> None:
     m = cfg.model
     assert (m.embed_size, m.hidden_size, m.align_size, m.maxout_size) == (620, 1000, 1000, 500)
     assert (cfg.optim.name, cfg.optim.eps, cfg.optim.rho, cfg.optim.clip_norm) == ("adadelta", 1e-6, 0.95, 1.0)
-    assert (cfg.data.vocab_size, cfg.data.max_len) == (30000, 50)
+    assert (cfg.data.vocab_size, cfg.data.max_words) == (30000, 50) and cfg.data.max_len > 4 * cfg.data.max_words  # words only
 
 
 def test_overrides_are_typed() -> None:
@@ -147,3 +147,11 @@ def test_benchmark_keys_bucketing_and_max_minutes() -> None:
         load_config(REPO / "configs/quickstart.yaml", ["train.max_minutes=0"])
     with pytest.raises(ConfigError, match=r"data\.bucketing"):
         load_config(REPO / "configs/quickstart.yaml", ["data.bucketing=3"])
+
+
+def test_step_token_budget_all_ranks_together() -> None:
+    cfg = load_config(None, ["data.max_tokens=1000", "train.accumulate=3", "train.workers=[1, 2]"])
+    assert cfg.step_token_budget() == 1000 * 3 * 2  # the configured run: 2 workers
+    assert cfg.step_token_budget(1) == 1000 * 6 * 1  # one worker left: it accumulates twice as much
+    odd = load_config(None, ["data.max_tokens=1000", "train.accumulate=1", "train.workers=[2, 3]"])
+    assert odd.step_token_budget(2) == 1000 * 2 * 2 != odd.step_token_budget()  # 2 does not divide 3

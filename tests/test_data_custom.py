@@ -12,13 +12,13 @@ import pytest
 from parallel_text import pairs, sgml, write, write_gz  # tests/parallel_text.py
 
 from distnmt.cli import main
-from distnmt.config import ConfigError, CorpusFiles, load_config
+from distnmt.config import ConfigError, CorpusFiles, DataConfig, load_config
 from distnmt.data import DataError, prepare
 from distnmt.data.custom import read_eval_pair, split_tsv
 from distnmt.evaluate.scoring import score_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(vocab_size=150, max_len=40, progress=False, workers=1, spm_sample_pairs=5000)
+FAST = dict(vocab_size=150, max_len=40, workers=1, spm_sample_pairs=5000)
 
 
 def make_corpus(root: Path) -> Path:
@@ -102,7 +102,7 @@ def test_own_files_prepare_through_the_same_stages(tmp_path: Path, capsys: pytes
 
 
 def _own(root: Path, **changes: CorpusFiles) -> dict[str, object]:
-    """prepare() keyword arguments for make_corpus's files, some entries replaced."""
+    """DataConfig keyword arguments for make_corpus's files, some entries replaced."""
     spec = {
         "a": CorpusFiles(src="corpus/a.en.gz", tgt="corpus/a.xx.gz"),
         "web": CorpusFiles(name="web", tsv="corpus/web.tsv", columns=["xx", "en"]),
@@ -115,7 +115,7 @@ def _own(root: Path, **changes: CorpusFiles) -> dict[str, object]:
 
 def _error(root: Path, out: Path, **changes: CorpusFiles) -> str:
     with pytest.raises(DataError) as err:
-        prepare(root, out, **_own(root, **changes))
+        prepare(DataConfig(source_dir=str(root), prepared_dir=str(out), **_own(root, **changes)), progress=False)
     message = str(err.value)
     assert "\n" not in message and not (out / "manifest.json").exists()
     return message
@@ -172,7 +172,7 @@ def test_bad_own_files_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_tsv_split_and_sgml_detection_units(tmp_path: Path) -> None:
-    tsv = write(tmp_path / "x.tsv.gz", gzip.compress("a\tb\nc d\te f\n\t\n".encode()))
+    tsv = write(tmp_path / "x.tsv.gz", gzip.compress("a\tb\r\nc d\te f\n\t\n".encode()))  # CR LF too
     lines, sha = split_tsv(tsv, tmp_path / "o.src", tmp_path / "o.tgt", swap=True)
     assert lines == 3 and len(sha) == 64
     assert (tmp_path / "o.src").read_text() == "b\ne f\n\n" and (tmp_path / "o.tgt").read_text() == "a\nc d\n\n"
@@ -221,3 +221,18 @@ def test_bleu_tokenizer_is_checked_and_reaches_the_signature() -> None:
     assert "|tok:zh|" in zh.bleu_signature and "|tok:13a|" in default.bleu_signature
     assert zh.bleu != default.bleu  # 13a sees each Chinese sentence as about one word
     assert zh.chrf == default.chrf  # chrF stays as is
+
+
+def test_a_score_under_another_bleu_tokenizer_is_not_reused() -> None:
+    from distnmt.config import EvalConfig
+    from distnmt.evaluate.records import ScoreRecord
+    from distnmt.evaluate.score import decode_settings
+
+    record = ScoreRecord(checkpoint="checkpoint_00000010", step=10, split="dev", test_set="mydev", bleu=1.0, chrf=2.0,
+                         bleu_line="", bleu_signature="", chrf_signature="", sentences=30,
+                         beam_size=5, alpha=1.0, max_len_a=1.5, max_len_b=10, bleu_tokenize="13a")
+    assert record.matches(decode_settings(EvalConfig(), 30))
+    assert not record.matches(decode_settings(EvalConfig(bleu_tokenize="zh"), 30))
+    # A line written before the field matches any tokenizer, as for the other settings.
+    older = ScoreRecord.from_dict({k: v for k, v in record.to_dict().items() if k != "bleu_tokenize"})
+    assert older.matches(decode_settings(EvalConfig(bleu_tokenize="zh"), 30))

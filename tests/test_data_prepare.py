@@ -8,22 +8,29 @@ import gzip
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pytest
 
 from distnmt.cli import main
-from distnmt.data import CleanRules, DataError, PreparedData, load_manifest, prepare, read_lines, read_parallel
+from distnmt.config import ConfigError, DataConfig, config_from_dict, load_config
+from distnmt.data import DataError, PreparedData, load_manifest, prepare, read_lines, read_parallel
 from distnmt.data.clean import DROPPING_RULES
 from distnmt.data.shards import ids_path, index_path
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs/quickstart.yaml"
-SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, progress=False)
+SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300)
+
+
+def _config(mirror: Optional[Path], out: Path, **kw: Any) -> DataConfig:
+    """The data config of a test: ``kw`` over the defaults, downloads (if any) under ``out``."""
+    return DataConfig(source_dir=str(mirror) if mirror is not None else None, prepared_dir=str(out),
+                      cache_dir=str(out / "cache"), **kw)
 
 
 def _prepare_small(mirror: Path, out: Path, **kw: Any):
-    return prepare(mirror, out, **{**SMALL, "workers": 1, **kw})
+    return prepare(_config(mirror, out, **{**SMALL, "workers": 1, **kw}), progress=False)
 
 
 def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
@@ -36,7 +43,7 @@ def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("prepared")
-    return prepare(shared_data, out, vocab_size=500, max_train_pairs=2000, progress=False, workers=1)
+    return prepare(_config(shared_data, out, vocab_size=500, max_train_pairs=2000, workers=1), progress=False)
 
 
 def test_prepare_end_to_end(prepared, shared_data: Path) -> None:
@@ -92,7 +99,6 @@ def test_prepared_data_layout(prepared) -> None:
     }
     for path, name in names.items():
         assert path == out / name and path.exists(), name
-    assert not data.default_cache_dir.exists()  # a mirror: nothing downloaded
 
 
 def test_prepared_data_checks_languages(prepared) -> None:
@@ -125,7 +131,7 @@ def test_load_manifest_errors(prepared, tmp_path: Path) -> None:
 
 def test_prepare_missing_source_names_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"^{tmp_path}/train/train.en.gz: missing"):
-        prepare(tmp_path, tmp_path / "out", progress=False)
+        prepare(_config(tmp_path, tmp_path / "out"), progress=False)
 
 
 # ------------------------------------------------------------ registry parts, mirror
@@ -133,7 +139,8 @@ def test_prepare_missing_source_names_file(tmp_path: Path) -> None:
 
 def test_preset_from_the_shared_sample(shared_data: Path, tmp_path: Path) -> None:
     """`--mirror ../shared/data/wmt14-en-fr`: parts found by their short names, newstest by SGML ids."""
-    result = prepare(shared_data, tmp_path, **{**SMALL, "max_train_pairs": 3500, "workers": 2, "shard_size": 1000})
+    result = prepare(_config(shared_data, tmp_path, **{**SMALL, "max_train_pairs": 3500, "workers": 2, "shard_size": 1000}),
+                     progress=False)
     m = result.manifest
     assert list(m["report"]) == ["europarl-v7", "news-commentary-v9", "total"]  # the limit stops in part 2
     assert m["report"]["europarl-v7"]["read"] == 2994 and m["report"]["news-commentary-v9"]["read"] == 506
@@ -148,8 +155,8 @@ def test_preset_from_the_shared_sample(shared_data: Path, tmp_path: Path) -> Non
 
 
 def test_report_per_rule_per_part(small_mirror: Path, tmp_path: Path) -> None:
-    rules = CleanRules(max_words=30, max_ratio=2.0, dedupe=True)
-    m = _prepare_small(small_mirror, tmp_path, rules=rules, max_len=40, shard_size=300).manifest
+    rules = dict(max_words=30, max_ratio=2.0, dedupe=True)
+    m = _prepare_small(small_mirror, tmp_path, **rules, max_len=40, shard_size=300).manifest
     report = m["report"]
     assert list(report) == ["europarl-v7", "news-commentary-v9", "giga-fren", "total"]
     for part, row in report.items():
@@ -161,6 +168,14 @@ def test_report_per_rule_per_part(small_mirror: Path, tmp_path: Path) -> None:
     assert json.loads(data.report_json.read_text()) == report
     table = data.report_md.read_text()
     assert "| giga-fren | 800 |" in table and "**total**" in table
+    # each rule's share: of the pairs read, and of the pairs still there when it ran
+    total = report["total"]
+    reached = total["read"] - sum(total[r] for r in DROPPING_RULES[:-1])
+    assert total["dropped_share"]["too_long"] == round(total["too_long"] / total["read"], 6)
+    assert total["dropped_share_of_reaching"]["too_long"] == round(total["too_long"] / reached, 6)
+    assert total["dropped_share_of_reaching"]["empty"] == total["dropped_share"]["empty"]  # the first rule
+    share = f"{100 * total['too_long'] / total['read']:.2f}% ({100 * total['too_long'] / reached:.2f}%)"
+    assert "Share dropped by each rule" in table and share in table.splitlines()[-1]
     # dedupe means no pair of the prepared data repeats
     src, tgt = data.train_arrays()
     pairs = {(tuple(src[i]), tuple(tgt[i])) for i in range(len(src))}
@@ -327,13 +342,58 @@ def test_cli_prepare_with_a_mirror(small_mirror: Path, tmp_path: Path, capsys: p
     assert "data.shard_size: 0 must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key, value", [
+    ("shard_size", 0), ("spm_sample_pairs", 0), ("workers", 0), ("max_words", 0), ("max_ratio", 0.5),
+    ("vocab_size", 50), ("max_len", 0), ("max_train_pairs", 0), ("tgt_lang", "en"),
+])
+def test_each_data_value_is_checked_once_for_config_and_prepare(tmp_path: Path, key: str, value: Any) -> None:
+    """The same check (DataConfig.checks) guards a YAML/--set config and a DataConfig built in code."""
+    with pytest.raises(ConfigError, match=rf"^--set data\.{key}: {value!r} must "):
+        load_config(None, [f"data.{key}={value}"])
+    with pytest.raises(ConfigError, match=rf"^data\.{key}: {value!r} must "):
+        prepare(_config(tmp_path, tmp_path / "out", **{key: value}), progress=False)
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("config", ["rnnsearch-50", "rnnencdec-30"])
+def test_paper_configs_filter_by_words_as_the_paper(small_mirror: Path, tmp_path: Path, config: str) -> None:
+    """Issue 14: the paper keeps every sentence of up to 50 (30) words; a subword cap at
+    the same number dropped a sixth of those. The paper configs' cap is only a guard."""
+    paper = load_config(QUICKSTART.parent / f"{config}.yaml").data
+    rules = dict(max_words=paper.max_words, max_ratio=paper.max_ratio, dedupe=paper.dedupe, max_len=paper.max_len)
+    total = _prepare_small(small_mirror, tmp_path, shard_size=1000, **rules).manifest["report"]["total"]
+    assert total["max_words"] > 0 and total["too_long"] == 0
+    # the old cap (max_len = max_words) on the same pairs: only encoding is redone
+    capped = _prepare_small(small_mirror, tmp_path, shard_size=1000, **{**rules, "max_len": paper.max_words})
+    share = capped.manifest["report"]["total"]["dropped_share_of_reaching"]["too_long"]
+    assert share > 0.05, share
+
+
+def test_data_max_sentences_is_renamed(tmp_path: Path) -> None:
+    """Issue 16.9: one name meant two things; the old data key is a one-line error naming the new one."""
+    config = tmp_path / "old.yaml"
+    config.write_text("data:\n  max_tokens: 2048\n  max_sentences: 80\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value).startswith(f"{config}:3: data.max_sentences is now data.max_batch_sentences (")
+    assert "\n" not in str(err.value) and "eval.max_sentences" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^--set: data.max_sentences is now data.max_batch_sentences \("):
+        load_config(None, ["data.max_sentences=80"])
+    cfg = load_config(None, ["data.max_batch_sentences=80", "eval.max_sentences=7"])
+    assert cfg.data.max_batch_sentences == 80 and cfg.eval.max_sentences == 7
+    # A checkpoint's stored config (written before the rename) still loads.
+    stored = cfg.to_dict()
+    stored["data"]["max_sentences"] = stored["data"].pop("max_batch_sentences")
+    assert config_from_dict(stored) == cfg
+
+
 def test_download_needs_registry_parts(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data.source_dir is null"):
-        prepare(None, tmp_path, progress=False)
+        prepare(_config(None, tmp_path), progress=False)
     with pytest.raises(DataError, match=r"^data.parts: unknown part 'europarl' \(known: europarl-v7, "):
-        prepare(None, tmp_path, parts=["europarl"], progress=False)
+        prepare(_config(None, tmp_path, parts=["europarl"]), progress=False)
     with pytest.raises(DataError, match=r"^data.preset: unknown preset 'full'"):
-        prepare(None, tmp_path, preset="full", progress=False)
+        prepare(_config(None, tmp_path, preset="full"), progress=False)
 
 
 def _sigterm_disposition(_: int) -> bool:

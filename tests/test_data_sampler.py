@@ -361,7 +361,7 @@ def test_training_loop_does_not_let_ray_replace_the_sampler() -> None:
         text = path.read_text(encoding="utf-8")
         if "prepare_data_loader(" in text:
             assert "add_dist_sampler=False" in text, f"{path}: prepare_data_loader would replace BucketBatchSampler"
-    assert "BucketBatchSampler(" in (REPO / "distnmt/train/loop.py").read_text(encoding="utf-8")
+    assert "BucketBatchSampler(" in (REPO / "distnmt/train/trainer.py").read_text(encoding="utf-8")
 
 
 def test_resumed_at_the_end_of_an_epoch_share_on_fewer_ranks(word_lengths) -> None:

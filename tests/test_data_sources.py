@@ -13,13 +13,14 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 import torch
 from parallel_text import en_de_archives, pairs  # tests/parallel_text.py
 
-from distnmt.config import load_config
-from distnmt.data import REGISTRY, BucketBatchSampler, DataError, PreparedData, TokenArray, Tokenizer, collate, prepare
+from distnmt.config import DataConfig, load_config
+from distnmt.data import REGISTRY, BucketBatchSampler, DataError, PreparedData, collate, prepare
 from distnmt.data import download as download_module
 from distnmt.data.download import download, part_path
 from distnmt.data.fetch import Fetcher, extract_members, verify_archive
@@ -30,8 +31,15 @@ from distnmt.data.sources import registry_for as pair_registry
 from distnmt.model.build import build_model
 from distnmt.train.engine import build_engine
 
-SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, progress=False,
-             workers=1)
+SMALL = dict(preset="sample", dev_sets=["newstest2013"], test_set="newstest2014", vocab_size=300, workers=1)
+
+
+def _prepare(mirror: Optional[Path], out: Path, cache: Optional[Path] = None, registry: Optional[Registry] = None,
+             **kw: Any):
+    """prepare() of the small sample config (SMALL, then ``kw``) from ``mirror`` (None: download) into ``out``."""
+    data = DataConfig(source_dir=str(mirror) if mirror is not None else None, prepared_dir=str(out),
+                      cache_dir=str(cache or out / "cache"), **{**SMALL, **kw})
+    return prepare(data, progress=False, registry=registry)
 
 # ----------------------------------------------------------------------- registry
 
@@ -125,7 +133,7 @@ def registry_for(archives: dict[str, bytes], base_url: str = "http://unused.inva
 @pytest.fixture(scope="module")
 def reference(small_mirror_master: Path, tmp_path_factory: pytest.TempPathFactory):
     """prepare() reading the extracted files: what every other way in must reproduce."""
-    return prepare(small_mirror_master, tmp_path_factory.mktemp("reference"), **SMALL)
+    return _prepare(small_mirror_master, tmp_path_factory.mktemp("reference"))
 
 
 def _same_output(a: Path, b: Path) -> None:
@@ -141,7 +149,7 @@ def test_mirror_of_archives_gives_the_same_data(small_mirror_master: Path, refer
     archives = build_archives(small_mirror_master, tmp_path / "mirror")
     registry = registry_for(archives, md5=True)  # md5 checksums (as sacreBLEU publishes them) work too
     out, cache = tmp_path / "out", tmp_path / "cache"
-    result = prepare(tmp_path / "mirror", out, cache_dir=cache, registry=registry, **SMALL)
+    result = _prepare(tmp_path / "mirror", out, cache=cache, registry=registry)
     _same_output(reference.out_dir, out)
     assert result.manifest["counts"] == reference.manifest["counts"]
     sha = result.manifest["sources"]["archives_sha256"]
@@ -151,7 +159,7 @@ def test_mirror_of_archives_gives_the_same_data(small_mirror_master: Path, refer
     assert result.manifest["sources"]["train"]["europarl-v7"]["files"][0] == str(extracted)
     # a re-run neither re-verifies nor re-extracts an unchanged archive
     before = extracted.stat().st_mtime_ns
-    again = prepare(tmp_path / "mirror", out, cache_dir=cache, registry=registry, **SMALL)
+    again = _prepare(tmp_path / "mirror", out, cache=cache, registry=registry)
     assert extracted.stat().st_mtime_ns == before and again.manifest["shards"] == result.manifest["shards"]
 
 
@@ -168,8 +176,7 @@ def test_archive_checks(small_mirror_master: Path, tmp_path: Path) -> None:
         verify_archive(path, Archive(good.name, good.url, 12, None))
     # the real registry's checksum rejects this home-made archive, naming it
     with pytest.raises(DataError, match=rf"^{path}: {good.size} bytes but https://www.statmt.org/wmt14/training-parallel-nc-v9.tgz"):
-        prepare(tmp_path / "mirror", tmp_path / "out", cache_dir=tmp_path / "cache", **{**SMALL, "preset": None,
-                "parts": ["news-commentary-v9"]})
+        _prepare(tmp_path / "mirror", tmp_path / "out", cache=tmp_path / "cache", preset=None, parts=["news-commentary-v9"])
     assert not (tmp_path / "out/manifest.json").exists()
 
     cut = tmp_path / "cut.tgz"
@@ -186,7 +193,7 @@ def test_mirror_with_two_candidates_is_ambiguous(small_mirror: Path, tmp_path: P
     copy.parent.mkdir()
     copy.write_bytes((small_mirror / "train/by-corpus/europarl-v7.en.gz").read_bytes())
     with pytest.raises(DataError, match=r"europarl-v7 \(en\): 2 files named 'europarl-v7.en.gz'"):
-        prepare(small_mirror, tmp_path, **SMALL)
+        _prepare(small_mirror, tmp_path)
 
 
 # ----------------------------------------------------------------- downloading
@@ -254,7 +261,7 @@ def test_download_resumes_and_then_takes_the_mirror_path(
         server.cut = {"training-giga-fren.tar", "dev.tgz"}  # two downloads break half-way
         registry = registry_for(archives, server.url)
         cache = tmp_path / "cache"
-        result = prepare(None, tmp_path / "out", cache_dir=cache, registry=registry, **SMALL)
+        result = _prepare(None, tmp_path / "out", cache=cache, registry=registry)
     _same_output(reference.out_dir, tmp_path / "out")
     assert result.manifest["source_dir"] is None
     for name, data in archives.items():
@@ -283,7 +290,7 @@ def test_failed_download_keeps_the_partial_file_for_next_time(tmp_path: Path, fa
 # ------------------------------------------- WMT'14 English-German, and both directions (issue 17)
 
 EN_DE = dict(preset="wmt14-en-de", dev_sets=["newstest2012", "newstest2013"], test_set="newstest2014",
-             vocab_size=200, max_len=40, progress=False, workers=1)
+             vocab_size=200, max_len=40, workers=1)
 TINY_MODEL = ["model.embed_size=16", "model.hidden_size=24", "model.align_size=16", "model.maxout_size=12",
               "optim.name=adam", "optim.lr=0.01", "train.precision=fp32", "data.max_tokens=400"]
 
@@ -326,7 +333,7 @@ def test_en_de_registry_serves_both_directions_and_its_lookups_name_what_it_has(
         de.eval_set("newstest2015")
     with pytest.raises(DataError, match=r"^data.src_lang/tgt_lang: de->en is not in the en-fr registry "
                                         r"\(it has en->fr and fr->en\)$"):
-        prepare(Path("."), Path("unused"), src_lang="de", tgt_lang="en", registry=REGISTRY, **{**SMALL, "preset": "wmt14"})
+        _prepare(Path("."), Path("unused"), src_lang="de", tgt_lang="en", registry=REGISTRY, preset="wmt14")
     assert not Path("unused").exists()
 
 
@@ -341,12 +348,12 @@ def train_a_few_steps(prepared: Path, src: str, tgt: str, steps: int = 3) -> lis
     """Train the tiny model ``steps`` optimizer steps in this process on ``prepared`` (src->tgt);
     returns the loss per target token of each step."""
     cfg = load_config(None, [*TINY_MODEL, f"data.src_lang={src}", f"data.tgt_lang={tgt}"])
-    src_ids, tgt_ids = TokenArray(prepared / f"train.{src}"), TokenArray(prepared / f"train.{tgt}")
+    data = PreparedData(prepared, src, tgt).check()  # the manifest says src -> tgt
+    src_ids, tgt_ids = data.train_arrays()
     sampler = BucketBatchSampler(src_ids.lengths, tgt_ids.lengths, cfg.data.max_tokens, seed=1)
     sampler.set_epoch(0)
     torch.manual_seed(0)
-    model = build_model(cfg.model, Tokenizer(prepared / f"spm.{src}.model").vocab_size,
-                        Tokenizer(prepared / f"spm.{tgt}.model").vocab_size)
+    model = build_model(cfg.model, data.vocab_sizes["src"], data.vocab_sizes["tgt"])
     engine = build_engine(cfg, model, torch.device("cpu"))
     losses = []
     for indices in itertools.islice(iter(sampler), steps):
@@ -363,10 +370,10 @@ def test_en_de_mirror_of_the_archives_prepares_end_to_end(tmp_path: Path) -> Non
     # The real registry (chosen by the language pair) rejects these home-made archives by size...
     with pytest.raises(DataError, match=r"training-parallel-europarl-v7.tgz: \d+ bytes but "
                                         r"https://www.statmt.org/wmt13/training-parallel-europarl-v7.tgz has 657632379"):
-        prepare(mirror, tmp_path / "out", cache_dir=tmp_path / "cache", src_lang="en", tgt_lang="de", **EN_DE)
+        _prepare(mirror, tmp_path / "out", cache=tmp_path / "cache", src_lang="en", tgt_lang="de", **EN_DE)
     # ...and takes them with data.verify_checksums: false (their sha256 still goes to the manifest).
-    result = prepare(mirror, tmp_path / "out", cache_dir=tmp_path / "cache", src_lang="en", tgt_lang="de",
-                     verify_checksums=False, **EN_DE)
+    result = _prepare(mirror, tmp_path / "out", cache=tmp_path / "cache", src_lang="en", tgt_lang="de",
+                      verify_checksums=False, **EN_DE)
     m = result.manifest
     assert (m["src_lang"], m["tgt_lang"]) == ("en", "de")
     assert list(m["report"]) == ["europarl-v7", "commoncrawl", "news-commentary-v9", "total"]
@@ -387,8 +394,8 @@ def test_de_en_downloads_prepares_and_trains(tmp_path: Path, fast_retries: None)
         registry = pair_registry("de", "en").with_archives(**{
             name: Archive(name, f"{server.url}/{name}", len(data), f"sha256:{hashlib.sha256(data).hexdigest()}")
             for name, data in archives.items()})
-        result = prepare(None, tmp_path / "out", cache_dir=tmp_path / "cache", src_lang="de", tgt_lang="en",
-                         registry=registry, **EN_DE)
+        result = _prepare(None, tmp_path / "out", cache=tmp_path / "cache", src_lang="de", tgt_lang="en",
+                          registry=registry, **EN_DE)
     assert ("training-parallel-commoncrawl.tgz", f"bytes={len(archives['training-parallel-commoncrawl.tgz']) // 2}-") \
         in server.requests
     assert (result.manifest["src_lang"], result.manifest["tgt_lang"]) == ("de", "en")
@@ -406,7 +413,7 @@ def test_fr_en_prepares_and_trains(small_mirror: Path, tmp_path: Path) -> None:
                                 ("test/newstest2014-fren-ref.fr.sgm", "test/newstest2014-fren-src.fr.sgm"),
                                 ("test/newstest2014-fren-src.en.sgm", "test/newstest2014-fren-ref.en.sgm")):
         (small_mirror / out_name).write_bytes((small_mirror / year_file).read_bytes())
-    result = prepare(small_mirror, tmp_path / "out", src_lang="fr", tgt_lang="en", **SMALL)
+    result = _prepare(small_mirror, tmp_path / "out", src_lang="fr", tgt_lang="en")
     assert (result.manifest["src_lang"], result.manifest["tgt_lang"]) == ("fr", "en")
     assert (tmp_path / "out/test.fr").read_text(encoding="utf-8").splitlines()[1].startswith("Le sportif Jhonathan Florez")
     assert result.manifest["sources"]["train"]["giga-fren"]["files"][0].endswith("giga-fren.fr.gz")

@@ -18,7 +18,7 @@ import torch
 
 from distnmt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distnmt.cli import main as cli_main
-from distnmt.config import ConfigError, load_config
+from distnmt.config import ConfigError, DataConfig, load_config
 from distnmt.data.prepare import load_manifest, prepare
 from distnmt.data.tokenizer import PAD_ID, Tokenizer
 from distnmt.evaluate.average import average_checkpoints, last_checkpoints
@@ -125,7 +125,7 @@ def test_score_record_round_trips_and_old_lines_still_load(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     out = tmp_path_factory.mktemp("prepared")
-    prepare(shared_data, out, vocab_size=800, max_len=30, max_train_pairs=2000, progress=False)
+    prepare(DataConfig(source_dir=str(shared_data), prepared_dir=str(out), vocab_size=800, max_len=30, max_train_pairs=2000), progress=False)
     return out
 
 
@@ -395,18 +395,24 @@ def test_lag_is_stored_in_every_path_and_bench_eval_lag_reads_it(prepared: Path,
     restarted = Evaluator(_config(prepared, "eval.test_at_end=false", "eval.figures=false"), str(prepared), str(run))
     assert _report(restarted, first) == reissued
     assert len((run / "eval" / "dev.jsonl").read_text().splitlines()) == 2
-    # A checkpoint no validation task handed over is scored at the end, its lag from its meta.json.
+    # Checkpoints no validation task handed over are scored at the end, their lag from their
+    # meta.json; one that `distnmt evaluate` scored meanwhile is re-issued, not decoded again.
     second = make_checkpoint(run, prepared, 20, seed=2)
+    third = make_checkpoint(run, prepared, 30, seed=3)
+    assert cli_main(["evaluate", str(third), "--prepared", str(prepared), "--out", str(run)]) == 0
+    restarted = Evaluator(_config(prepared, "eval.test_at_end=false", "eval.figures=false"), str(prepared), str(run))
     restarted.finalize()
-    caught = restarted.results()[-1]
+    caught, late = restarted.results()[1:]
     assert caught.checkpoint == second.name and caught.reused_from is None
     assert caught.lag_seconds == round(caught.scored_at - (second / "meta.json").stat().st_mtime, 2)
+    assert (late.checkpoint, late.origin, late.reused_from) == (third.name, "training", "evaluate")
+    assert late.lag_seconds >= 0 and late.reported_at == (third / "meta.json").stat().st_mtime
     # `bench eval-lag` reports the stored lags; a re-issued score has no queue or decode time of its own.
     _, rows, _ = lag_rows(run)
-    assert [(r["checkpoint"], r["lag_s"]) for r in rows] == [(first.name, reissued.lag_seconds),
-                                                            (second.name, caught.lag_seconds)]
+    assert [(r["checkpoint"], r["lag_s"]) for r in rows] == [
+        (first.name, reissued.lag_seconds), (second.name, caught.lag_seconds), (third.name, late.lag_seconds)]
     assert (rows[0]["wait_s"], rows[0]["decode_s"]) == (None, None) and rows[1]["wait_s"] is not None
-    assert restarted.final().lag_seconds["checkpoints"] == 2
+    assert restarted.final().lag_seconds["checkpoints"] == 3
 
 
 def test_evaluate_command_needs_neither_ray_nor_the_actor(prepared: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 import pytest
 
-from distnmt import cluster as localray
+from distnmt import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -42,7 +42,7 @@ def test_scripts_pass_shellcheck() -> None:
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:
-    ports = localray.free_ports(4)
+    ports = cluster.free_ports(4)
     assert len(set(ports)) == 4
     for port in ports:
         with socket.socket() as sock:
@@ -50,11 +50,11 @@ def test_free_ports_are_distinct_and_bindable() -> None:
 
 
 def test_runtime_env_passes_named_variables_and_leaves_out_big_folders(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in localray.DEFAULT_PASSTHROUGH:
+    for name in cluster.DEFAULT_PASSTHROUGH:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "k-123")
     monkeypatch.setenv("MY_VAR", "v")
-    env = localray.runtime_env(str(REPO), localray.DEFAULT_PASSTHROUGH + ["MY_VAR", "UNSET_VAR"], {"A": "b"})
+    env = cluster.runtime_env(str(REPO), cluster.DEFAULT_PASSTHROUGH + ["MY_VAR", "UNSET_VAR"], {"A": "b"})
     assert env["working_dir"] == str(REPO)
     assert env["env_vars"] == {"WANDB_API_KEY": "k-123", "MY_VAR": "v", "A": "b"}
 
@@ -72,15 +72,15 @@ def test_runtime_env_passes_named_variables_and_leaves_out_big_folders(monkeypat
 def test_job_paths_absolute_for_a_local_head_required_for_a_remote_one(tmp_path: Path) -> None:
     config = str(REPO / "configs" / "quickstart.yaml")
     relative = ["--set", "data.source_dir=src", "--set", "data.prepared_dir=p", "--set", "train.storage_path=r"]
-    local = localray.job_paths(config, relative + ["--set", "train.storage_path=/abs/runs"], tmp_path, local=True)
+    local = cluster.job_paths(config, relative + ["--set", "train.storage_path=/abs/runs"], tmp_path, local=True)
     assert local == [f"data.prepared_dir={tmp_path / 'p'}"]
-    prepare = localray.job_paths(config, relative, tmp_path, local=True, command="prepare")
+    prepare = cluster.job_paths(config, relative, tmp_path, local=True, command="prepare")
     assert prepare == [f"data.source_dir={tmp_path / 'src'}", f"data.prepared_dir={tmp_path / 'p'}"]
-    ok = localray.job_paths(config, ["--set", "data.prepared_dir=/mnt/p", "--set", "train.storage_path=/mnt/r"],
+    ok = cluster.job_paths(config, ["--set", "data.prepared_dir=/mnt/p", "--set", "train.storage_path=/mnt/r"],
                             tmp_path, local=False)
     assert ok == []
-    with pytest.raises(localray.ClusterError, match="is relative; on a cluster"):
-        localray.job_paths(config, relative, tmp_path, local=False)
+    with pytest.raises(cluster.ClusterError, match="is relative; on a cluster"):
+        cluster.job_paths(config, relative, tmp_path, local=False)
 
 
 def _spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -90,19 +90,19 @@ def _spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 def test_cluster_processes_found_by_marker_and_stopped_others_untouched() -> None:
     marker = "test" + os.urandom(4).hex()
-    mine = _spawn({**os.environ, localray.MARKER_VAR: marker})
-    other = _spawn({**os.environ, localray.MARKER_VAR: "someone-else"})
+    mine = _spawn({**os.environ, cluster.MARKER_VAR: marker})
+    other = _spawn({**os.environ, cluster.MARKER_VAR: "someone-else"})
     try:
         deadline = time.time() + 10
-        while len(localray.cluster_pids(marker, "")) < 2 and time.time() < deadline:
+        while len(cluster.cluster_pids(marker, "")) < 2 and time.time() < deadline:
             time.sleep(0.1)  # the child sleep may not have started yet
-        found = localray.cluster_pids(marker, "")
+        found = cluster.cluster_pids(marker, "")
         assert mine.pid in found and len(found) == 2  # bash and its sleep
         assert other.pid not in found
-        count, killed = localray.stop_cluster(found, grace=5)
+        count, killed = cluster.stop_cluster(found, grace=5)
         assert count == 2 and killed == []
         assert mine.wait(timeout=5) is not None
-        assert localray.cluster_pids(marker, "") == []
+        assert cluster.cluster_pids(marker, "") == []
         assert other.poll() is None  # not ours: still running
     finally:
         for proc in (mine, other):
@@ -113,7 +113,7 @@ def test_cluster_processes_found_by_marker_and_stopped_others_untouched() -> Non
 
 def test_cluster_pids_refuses_an_empty_filter() -> None:
     with pytest.raises(ValueError):
-        localray.cluster_pids("", "")
+        cluster.cluster_pids("", "")
 
 
 def _script(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -72,8 +72,8 @@ def test_the_sampler_real_batches_cover_80_sentences_per_update(workers: int) ->
 def test_batch_sentences_refuses_what_it_cannot_keep() -> None:
     with pytest.raises(ConfigError, match=r"train.batch_sentences: 80 must be a multiple of .* = 3"):
         load_config(REPO / "configs/rnnsearch-50.yaml", ["train.workers=3"])
-    with pytest.raises(ConfigError, match="data.max_sentences: 40 must be null when train.batch_sentences"):
-        load_config(REPO / "configs/rnnsearch-50.yaml", ["data.max_sentences=40"])
+    with pytest.raises(ConfigError, match="data.max_batch_sentences: 40 must be null when train.batch_sentences"):
+        load_config(REPO / "configs/rnnsearch-50.yaml", ["data.max_batch_sentences=40"])
     cfg = load_config(REPO / "configs/quickstart.yaml")  # token budgets: unchanged
     assert cfg.train.batch_sentences is None and update_sentences(cfg, 2) is None
     assert batch_budget(cfg).max_tokens == cfg.data.max_tokens

@@ -52,7 +52,7 @@ def test_nonfinite_streak_counts_consecutive_steps_only() -> None:
 def test_checkpoint_policy() -> None:
     policy = CheckpointPolicy(every=5, max_steps=12)
     assert [s for s in range(1, 13) if policy.due(s)] == [5, 10, 12]
-    assert policy.due(3, out_of_time=True) and policy.due(3, preempted=True)
+    assert policy.due(3, out_of_time=True) and policy.due(3, preempted=True) and policy.due(3, last=True)
 
 
 def test_stop_policy_order() -> None:

@@ -34,7 +34,7 @@ from distnmt.checkpoint import (
     write_rank_manifest,
 )
 from distnmt.cli import main
-from distnmt.config import ConfigError, load_config
+from distnmt.config import ConfigError, DataConfig, load_config
 from distnmt.data.prepare import load_manifest, prepare
 from distnmt.data.tokenizer import PAD_ID, Tokenizer
 from distnmt.checkpoint import SRC_SPM, TGT_SPM
@@ -285,7 +285,7 @@ def test_max_nonfinite_steps_is_checked() -> None:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     out = tmp_path_factory.mktemp("prepared")
-    prepare(shared_data, out, vocab_size=800, max_len=30, max_train_pairs=1000, progress=False)
+    prepare(DataConfig(source_dir=str(shared_data), prepared_dir=str(out), vocab_size=800, max_len=30, max_train_pairs=1000), progress=False)
     return out
 
 

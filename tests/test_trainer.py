@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distnmt.checkpoint import list_checkpoints, load_checkpoint, nonfinite_path, rng_path
-from distnmt.config import Config, load_config
+from distnmt.config import Config, DataConfig, load_config
 from distnmt.data.prepare import prepare
 from distnmt.train.session import Session
 from distnmt.train.trainer import Trainer
@@ -32,7 +32,7 @@ TINY = ["model.embed_size=16", "model.hidden_size=24", "model.align_size=24", "m
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     out = tmp_path_factory.mktemp("prepared")
-    prepare(shared_data, out, vocab_size=800, max_len=30, max_train_pairs=1000, progress=False)
+    prepare(DataConfig(source_dir=str(shared_data), prepared_dir=str(out), vocab_size=800, max_len=30, max_train_pairs=1000), progress=False)
     return out
 
 
@@ -142,6 +142,16 @@ def test_the_time_budget_checkpoints_and_stops(prepared: Path, tmp_path: Path) -
     cfg = _cfg(prepared, run_dir, "train.max_steps=1000", "train.checkpoint_every=500", "train.max_minutes=0.0001")
     assert Trainer(cfg, run_dir, Session(run_dir)).fit() == "train.max_minutes=0.0001 spent"
     assert _steps(run_dir) == [1]  # 6 ms is spent by the first step: checkpointed, as at max_steps
+
+
+def test_the_last_epoch_ends_the_run_with_a_checkpoint(prepared: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "epochs"
+    cfg = _cfg(prepared, run_dir, "train.max_steps=1000", "train.checkpoint_every=100", "train.max_epochs=1")
+    trainer = Trainer(cfg, run_dir, Session(run_dir))
+    steps = len(trainer.sampler)  # one batch per step
+    assert trainer.fit() == "train.max_epochs=1 reached"
+    assert _steps(run_dir) == [steps]
+    assert load_checkpoint(run_dir / f"checkpoint_{steps:08d}").state["sampler"]["position"] == steps
 
 
 class _Evaluator:

@@ -1,4 +1,4 @@
-"""``distnmt bench all``: data, model, train, peer and eval-lag in turn, into one --out.
+"""``distnmt bench all``: data, model, train, peer, eval-lag and gpu in turn, into one --out.
 
 Each benchmark keeps its own options' defaults (see ``distnmt bench NAME --help``);
 ``--tiny`` passes ``--tiny`` to every one (seconds each, for a smoke test), and
@@ -21,7 +21,11 @@ def plan(out: Path, tiny: bool, minutes: float | None, overrides: list[str]) -> 
     sets = [x for o in overrides for x in ("--set", o)]
     peer = common + sets + (["--minutes", str(minutes)] if minutes is not None else [])
     return [("data", common), ("model", common), ("train", common + sets), ("peer", peer),
-            ("eval-lag", ["--run", str(out / "runs/distnmt"), "--out", str(out)])]
+            ("eval-lag", ["--run", str(out / "runs/distnmt"), "--out", str(out)]),
+            # Without a GPU (or --tiny): its dry mode (tiny sizes, the GPU tests reported skipped).
+            ("gpu", common),
+            # Its own corpus, prepared data and runs: a subfolder, not beside peer's.
+            ("claim", ["--out", str(out / "claim")] + (["--tiny"] if tiny else []) + sets)]
 
 
 def main(argv: list[str]) -> int:

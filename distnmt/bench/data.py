@@ -97,12 +97,11 @@ def build_corpus(sample: Path, dest: Path, pairs: int) -> tuple[Path, int]:
 
 
 def _prepare_child(spec: str) -> int:
-    """Runs in a separate process so its memory is measured alone: ``prepare(**spec)``."""
-    from distnmt.data import CleanRules, prepare
+    """Runs in a separate process so its memory is measured alone: ``prepare(DataConfig(**spec))``."""
+    from distnmt.config import DataConfig
+    from distnmt.data import prepare
 
-    kw = json.loads(spec)
-    kw["rules"] = CleanRules(**kw["rules"])
-    prepare(kw.pop("mirror"), kw.pop("out"), **kw)
+    prepare(DataConfig(**json.loads(spec)), progress=False)
     return 0
 
 
@@ -150,11 +149,11 @@ def run_prepare(mirror: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     """Prepare ``mirror`` into ``out`` in a child process; returns its figures."""
     from distnmt.data.prepared import PreparedData
 
-    spec = {
-        "mirror": str(mirror), "out": str(out), "preset": "sample", "dev_sets": ["newstest2013"],
-        "test_set": "newstest2014", "vocab_size": args.vocab_size, "max_len": 50, "workers": args.workers,
-        "shard_size": args.shard_size, "spm_sample_pairs": args.spm_sample_pairs, "progress": False,
-        "rules": {"max_words": 50, "max_ratio": 3.0, "dedupe": args.dedupe},
+    spec = {  # DataConfig's fields
+        "source_dir": str(mirror), "prepared_dir": str(out), "cache_dir": str(out / "cache"), "preset": "sample",
+        "dev_sets": ["newstest2013"], "test_set": "newstest2014", "vocab_size": args.vocab_size, "max_len": 50,
+        "workers": args.workers, "shard_size": args.shard_size, "spm_sample_pairs": args.spm_sample_pairs,
+        "max_words": 50, "max_ratio": 3.0, "dedupe": args.dedupe,
     }
     shutil.rmtree(out, ignore_errors=True)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -245,21 +244,11 @@ def measure_loader(prepared: Path, max_tokens: int, seconds: float, max_batches:
 
 
 def random_batch_efficiency(src: np.ndarray, tgt: np.ndarray, max_tokens: int, seed: int = 0) -> float:
-    """Padding efficiency of batches cut from a shuffled order, same budget rule, no sorting."""
-    s, t = src.astype(np.int64) + 1, tgt.astype(np.int64) + 1
-    order = np.random.default_rng(seed).permutation(len(s))
-    cost = np.maximum(s, t)[order]
-    real = padded = 0
-    start, n = 0, len(order)
-    while start < n:
-        limit = min(max_tokens // int(cost[start]), n - start)
-        window = np.maximum.accumulate(cost[start:start + limit]) * np.arange(1, limit + 1)
-        size = int(np.searchsorted(window, max_tokens, side="right"))
-        b = order[start:start + size]
-        real += int(s[b].sum() + t[b].sum())
-        padded += size * int(s[b].max() + t[b].max())
-        start += size
-    return real / padded
+    """Padding efficiency of batches cut from a shuffled order, same budget rule, no sorting:
+    the sampler's own naive cut (``bucketing=False``) over one pool of the whole corpus."""
+    from distnmt.data import BucketBatchSampler
+
+    return BucketBatchSampler(src, tgt, max_tokens, seed=seed, pool_batches=0, bucketing=False).padding_efficiency()
 
 
 def measure_padding(prepared: Path, max_tokens: int, copies: int = 1) -> dict[str, Any]:
@@ -297,20 +286,21 @@ def measure_padding(prepared: Path, max_tokens: int, copies: int = 1) -> dict[st
 
 
 def measure_step(prepared: Path, config: Path, tiny: bool, steps: int) -> dict[str, Any]:
-    """Target tokens/s of full training steps (forward, backward, update) on one core."""
+    """Target tokens/s of full training steps on one core: the engine's own step
+    (the config's optimizer, schedule, clipping and precision), one batch per step."""
     import dataclasses
 
     import torch
-    import torch.nn.functional as F
 
     from distnmt.config import load_config
     from distnmt.data import PAD_ID, BucketBatchSampler, PreparedData, collate
     from distnmt.model.build import build_model
+    from distnmt.train.engine import build_engine
 
     cfg = load_config(config)
-    model_cfg = cfg.model
     if tiny:
-        model_cfg = dataclasses.replace(model_cfg, embed_size=32, hidden_size=32, align_size=32, maxout_size=32)
+        cfg.model = dataclasses.replace(cfg.model, embed_size=32, hidden_size=32, align_size=32, maxout_size=32)
+    cfg.train = dataclasses.replace(cfg.train, accumulate=1, backend="ddp")
     old_mask = _one_core()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -318,24 +308,18 @@ def measure_step(prepared: Path, config: Path, tiny: bool, steps: int) -> dict[s
         torch.manual_seed(0)
         data = PreparedData.load(prepared)
         vocab = data.vocab_sizes
-        model = build_model(model_cfg, vocab["src"], vocab["tgt"], pad_id=PAD_ID)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model = build_model(cfg.model, vocab["src"], vocab["tgt"], pad_id=PAD_ID)
+        engine = build_engine(cfg, model, torch.device("cpu"))  # one process: no DDP wrapper, no Ray
         src, tgt = data.train_arrays()
         sampler = BucketBatchSampler(src.lengths, tgt.lengths, cfg.data.max_tokens, seed=2,
                                      pool_batches=cfg.data.pool_batches)
-        bf16 = cfg.train.precision == "bf16"
         tokens, elapsed, cpu = 0, 0.0, 0.0
         for i, indices in enumerate(sampler):
             if i > steps:
                 break
             batch = collate(src, tgt, indices)
             t0, c0 = time.perf_counter(), time.process_time()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            engine.train_step([batch])
             if i > 0:  # the first step pays for allocations and kernel selection
                 elapsed += time.perf_counter() - t0
                 cpu += time.process_time() - c0

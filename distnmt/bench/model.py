@@ -2,8 +2,9 @@
 
 Figures (no Ray, no DDP: the model alone, as one training worker or the evaluator runs it):
 
-* **training** target tokens/s of full steps (forward, fp32 loss, backward, gradient
-  clipping, Adam step) for every combination of ``--threads`` x ``--precisions`` x
+* **training** target tokens/s of full steps, the training engine's own
+  ``train_step`` (forward, fp32 loss, backward, clipping, the config's optimizer and
+  schedule; one process, no Ray) for every combination of ``--threads`` x ``--precisions`` x
   ``--grus``, on real length-bucketed batches of the WMT'14 sample (the config's
   ``data.max_tokens``);
 * **decoding** sentences/s and output tokens/s at each of ``--beams`` (1 is greedy) on
@@ -39,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from distnmt.config import Config, ModelConfig, load_config
+from distnmt.config import Config, DataConfig, ModelConfig, load_config
 from distnmt.data import BOS_ID, EOS_ID, PAD_ID, BucketBatchSampler, PreparedData, prepare
 from distnmt.model.build import build_model
 from distnmt.model.rnnsearch import RNNSearch
 from distnmt.model.search import beam_search, greedy_search
+from distnmt.train.engine import Engine, build_engine
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO.parent / "shared/data/wmt14-en-fr"
@@ -107,10 +108,9 @@ def _prepare_data(args: argparse.Namespace, cfg: Config, workdir: Path) -> Path:
     if args.prepared is not None:
         return args.prepared
     out = workdir / "prepared"
-    prepare(
-        args.sample, out, vocab_size=args.vocab_size, max_train_pairs=args.train_pairs,
-        max_len=cfg.data.max_len, progress=False,
-    )
+    prepare(DataConfig(source_dir=str(args.sample), prepared_dir=str(out), cache_dir=str(workdir / "cache"),
+                       vocab_size=args.vocab_size, max_train_pairs=args.train_pairs, max_len=cfg.data.max_len),
+            progress=False)
     return out
 
 
@@ -145,16 +145,17 @@ def _autocast(precision: str) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def _train_step(model: RNNSearch, optimizer: torch.optim.Optimizer, batch: Any, precision: str) -> float:
-    """One step as the trainer takes it: autocast forward, fp32 loss, backward, clip 1, update."""
-    with _autocast(precision):
-        logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return float(loss.detach())
+def case_engine(cfg: Config, model_cfg: ModelConfig, precision: str, src_vocab: int, tgt_vocab: int,
+                device: torch.device = torch.device("cpu")) -> Engine:
+    """A fresh model (seed 0) and the training engine as a worker builds it: the config's
+    optimizer, schedule, clipping and loss normalisation, at ``precision``, one process
+    (no DDP wrapper, no Ray), one batch per step."""
+    train = dataclasses.replace(cfg.train, precision=precision, accumulate=1, backend="ddp")
+    case_cfg = dataclasses.replace(cfg, model=model_cfg, train=train)
+    torch.manual_seed(0)
+    model = build_model(model_cfg, src_vocab, tgt_vocab, pad_id=PAD_ID).to(device)
+    model.train()
+    return build_engine(case_cfg, model, device)
 
 
 @dataclasses.dataclass
@@ -169,28 +170,25 @@ class TrainCase:
         return f"{self.gru}-{self.precision}-t{self.threads}" + ("-compile" if self.compiled else "")
 
 
-def _train_once(case: TrainCase, model_cfg: ModelConfig, data: BenchData) -> dict[str, Any]:
-    """Fresh model, one warm-up step, then one timed pass over every batch."""
+def _train_once(case: TrainCase, cfg: Config, model_cfg: ModelConfig, data: BenchData) -> dict[str, Any]:
+    """Fresh model and engine, one warm-up step, then one timed pass over every batch."""
     torch.set_num_threads(case.threads)
     record: dict[str, Any] = {}
     with _memory(record):
-        torch.manual_seed(0)
         case_cfg = dataclasses.replace(model_cfg, gru=case.gru, compile=case.compiled)
-        model = build_model(case_cfg, data.src_vocab, data.tgt_vocab, pad_id=PAD_ID)
-        model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        engine = case_engine(cfg, case_cfg, case.precision, data.src_vocab, data.tgt_vocab)
         started = time.perf_counter()
-        _train_step(model, optimizer, data.batches[0], case.precision)  # allocations, kernel choice, compiling
+        engine.train_step([data.batches[0]])  # allocations, kernel choice, compiling
         record["warmup_s"] = time.perf_counter() - started
         wall, cpu = time.perf_counter(), time.process_time()
-        losses = [_train_step(model, optimizer, b, case.precision) for b in data.batches]
+        stats = [engine.train_step([b]) for b in data.batches]
         record["wall_s"] = time.perf_counter() - wall
         record["cpu_s"] = time.process_time() - cpu
-    record["final_loss"] = losses[-1]
+    record["final_loss"] = stats[-1].loss_sum / max(stats[-1].tokens, 1)  # read after the timing
     return record
 
 
-def measure_training(cases: list[TrainCase], model_cfg: ModelConfig, data: BenchData, repeats: int,
+def measure_training(cases: list[TrainCase], cfg: Config, model_cfg: ModelConfig, data: BenchData, repeats: int,
                      say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Best of ``repeats`` interleaved passes per case."""
     tokens = sum(b.num_target_tokens() for b in data.batches)
@@ -198,7 +196,7 @@ def measure_training(cases: list[TrainCase], model_cfg: ModelConfig, data: Bench
     runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cases}
     for r in range(repeats):
         for case in cases:
-            run = _train_once(case, model_cfg, data)
+            run = _train_once(case, cfg, model_cfg, data)
             runs[case.name].append(run)
             say(f"[bench model] train {case.name} pass {r + 1}/{repeats}: {tokens / run['wall_s']:.0f} tgt tok/s")
     results = []
@@ -350,7 +348,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- decoding data: first {d['decode_sentences']} sentences of newstest2013, sorted by length",
         f"- each figure: the fastest of {result['repeats']} interleaved passes; 'per CPU-s' divides by the "
         "process CPU time instead of wall time", "",
-        "## Training (forward + backward + clip + Adam step)", "",
+        "## Training (the engine's step: forward, loss, backward, clipping, the config's optimizer)", "",
         "| case | threads | precision | GRU | tgt tokens/s | median | per CPU-s | step s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -425,7 +423,7 @@ def main(argv: list[str]) -> int:
             cases = [TrainCase(t, p, g) for t in args.threads for p in args.precisions for g in args.grus]
             if args.compile:
                 cases += [TrainCase(args.threads[0], p, model_cfg.gru, compiled=True) for p in args.precisions]
-            training = measure_training(cases, model_cfg, data, args.repeats, say)
+            training = measure_training(cases, cfg, model_cfg, data, args.repeats, say)
             decode_threads = args.decode_threads or cfg.eval.threads
             decoding = measure_decoding(args.beams, decode_threads, args.decode_precision, model_cfg, data, cfg,
                                         args.repeats, say, (False, True) if args.compile else (False,))

@@ -75,16 +75,6 @@ _PREDICT_RE = re.compile(_STAMP + r"Predicting \d+ example")
 # ------------------------------------------------------------------ token budget
 
 
-def step_token_budget(cfg: Config) -> int:
-    """distnmt's token budget per optimizer step, all workers together.
-
-    A distnmt batch costs ``sentences * max(longest source + 1, longest target + 1)``
-    (the +1: EOS / BOS) and stays within ``data.max_tokens``; each worker takes
-    ``train.accumulate`` of them per step.
-    """
-    return cfg.data.max_tokens * cfg.train.accumulate * cfg.train.max_workers
-
-
 def joeynmt_batch_size(cfg: Config) -> int:
     """JoeyNMT's ``batch_size`` (batch_type token) for the same budget per update.
 
@@ -94,7 +84,7 @@ def joeynmt_batch_size(cfg: Config) -> int:
     it would pass it), so its batches hold up to one pair more; one process takes
     the whole step's budget in one batch (``batch_multiplier`` 1).
     """
-    return step_token_budget(cfg)
+    return cfg.step_token_budget()
 
 
 def joeynmt_padding_efficiency(src_lengths: np.ndarray, tgt_lengths: np.ndarray, batch_size: int,
@@ -444,7 +434,7 @@ def run_distnmt(name: str, cfg_path: Optional[Path], overrides: list[str], minut
     rates = [x["tokens_per_s"] for x in metrics[1:]] or [x["tokens_per_s"] for x in metrics]
     return {
         "system": name, "version": _distnmt_version(), "workers": cfg.train.max_workers,
-        "bucketing": cfg.data.bucketing, "step_token_budget": step_token_budget(cfg),
+        "bucketing": cfg.data.bucketing, "step_token_budget": cfg.step_token_budget(),
         "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_s": round(statistics.median(rates)), "updates": max(metrics[-1]["step"], scored[-1].step),  # the last step is checkpointed, maybe not logged
         "last_checkpoint_step": scored[-1].step, "train_minutes": round(curve[-1]["minutes"], 2) if curve else None,
@@ -672,7 +662,7 @@ def main(argv: list[str]) -> int:
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, joeynmt {JOEYNMT_VERSION}",
         "budget_minutes": args.minutes, "config": str(args.config), "overrides": overrides,
         "model": f"embed {cfg.model.embed_size}, hidden {cfg.model.hidden_size}, align {cfg.model.align_size}",
-        "step_token_budget": step_token_budget(cfg), "train_pairs": data.train_pairs,
+        "step_token_budget": cfg.step_token_budget(), "train_pairs": data.train_pairs,
         "dev_sentences": args.dev_sentences, "test_sentences": args.test_sentences or "all (3003)",
         "beam": args.beam, "ratios": ratios(results),
     }

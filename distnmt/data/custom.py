@@ -157,7 +157,8 @@ def split_tsv(tsv: Path, src_out: Path, tgt_out: Path, swap: bool = False) -> tu
             block, count = reader.take(_TSV_BLOCK)
             if not count:
                 break
-            rows = decode_block(block, tsv, lines + 1)
+            # A TSV saved on Windows ends its lines with CR LF: the CR belongs to neither column.
+            rows = [r[:-1] if r.endswith("\r") else r for r in decode_block(block, tsv, lines + 1)]
             for i, row in enumerate(rows):
                 tabs = row.count("\t")
                 if tabs != 1:

@@ -43,6 +43,8 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
+from distnmt.config import DataConfig, TrainConfig, check_data
+from distnmt.data import custom
 from distnmt.data.clean import DROPPING_RULES, MODIFYING_RULES, CleanRules
 from distnmt.data.corpus import read_lines
 from distnmt.data.errors import DataError
@@ -51,8 +53,6 @@ from distnmt.data.prepared import MANIFEST_VERSION, PreparedData, Split, load_ma
 from distnmt.data.sgml import read_sgml_parallel
 from distnmt.data.shards import TokenArrayWriter, ids_path, offsets_path, write_shard_index
 from distnmt.io import atomic_open, write_text
-from distnmt.config import CorpusFiles
-from distnmt.data import custom
 from distnmt.data.sources import REGISTRY, Registry, registry_for
 from distnmt.data.stages import (
     CleanTask, EncodeTask, SampleTask, SpmTask, Workers, clean_shard, default_workers, encode_shard, in_child,
@@ -63,7 +63,7 @@ from distnmt.data.tokenizer import Tokenizer
 
 _ENCODE_CHUNK = 10_000  # lines per encode_batch call for dev/test
 _DEDUPE_BUCKET = 1 << 22  # hashes sorted at once: about 130 MB of arrays per bucket
-__all__ = ["PrepareResult", "format_report", "load_manifest", "prepare"]
+__all__ = ["PrepareResult", "clean_rules", "format_report", "load_manifest", "prepare"]
 
 
 @dataclass
@@ -431,9 +431,10 @@ def _write_eval_split(run: _Run, name: Split, files: Sequence[tuple[Path, Path]]
 # ---------------------------------------------------------------------------- stage 8: report, index
 
 
-def _report(sources: dict[str, Any], shards: list[_Shard], langs: tuple[str, str]) -> dict[str, dict[str, int]]:
-    """Per part: read, kept, pairs changed per modifying rule, pairs dropped per dropping rule."""
-    report: dict[str, dict[str, int]] = {}
+def _report(sources: dict[str, Any], shards: list[_Shard], langs: tuple[str, str]) -> dict[str, dict[str, Any]]:
+    """Per part: read, kept, pairs changed per modifying rule, pairs dropped per dropping rule,
+    and what share each dropping rule took (:func:`_shares`)."""
+    report: dict[str, dict[str, Any]] = {}
     for s in shards:
         row = report.setdefault(s.part, {"read": 0, "kept": 0, **{r: 0 for r in MODIFYING_RULES + DROPPING_RULES},
                                          **{f"tokens_{lang}": 0 for lang in langs}})
@@ -449,11 +450,31 @@ def _report(sources: dict[str, Any], shards: list[_Shard], langs: tuple[str, str
         dropped = sum(row[r] for r in DROPPING_RULES)
         if row["read"] != row["kept"] + dropped:  # a bug in this file, not bad data
             raise AssertionError(f"{part}: read {row['read']} != kept {row['kept']} + dropped {dropped}")
+    for row in report.values():
+        row.update(_shares(row))
     return report
 
 
-def format_report(report: dict[str, dict[str, int]]) -> str:
-    """A markdown table: one row per part and the total."""
+def _shares(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The share of pairs each dropping rule drops, two ways.
+
+    ``dropped_share``: of the pairs read. ``dropped_share_of_reaching``: of the pairs
+    still there when the rule runs (rules run in DROPPING_RULES order, a pair counted
+    under the first that drops it), i.e. what the rule itself costs on top of the ones
+    before it: the 50-subword cap's share of the pairs the paper's 50-word filter keeps.
+    """
+    reaching = row["read"]
+    of_read, of_reaching = {}, {}
+    for rule in DROPPING_RULES:
+        of_read[rule] = round(row[rule] / row["read"], 6) if row["read"] else 0.0
+        of_reaching[rule] = round(row[rule] / reaching, 6) if reaching else 0.0
+        reaching -= row[rule]
+    return {"dropped_share": of_read, "dropped_share_of_reaching": of_reaching}
+
+
+def format_report(report: dict[str, dict[str, Any]]) -> str:
+    """Two markdown tables, one row per part and the total: the counts, then each
+    dropping rule's share (of the pairs read, and of the pairs that reached it)."""
     columns = ["read", "kept", *MODIFYING_RULES, *DROPPING_RULES]
     lines = [
         "| part | " + " | ".join(columns) + " |",
@@ -462,6 +483,20 @@ def format_report(report: dict[str, dict[str, int]]) -> str:
     for part, row in report.items():
         name = f"**{part}**" if part == "total" else part
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:,}" for c in columns) + " |")
+    lines += [
+        "",
+        "Share dropped by each rule: % of the pairs read (% of the pairs still there when the rule ran; "
+        "rules run left to right, a pair counts under the first that drops it).",
+        "",
+        "| part | kept | " + " | ".join(DROPPING_RULES) + " |",
+        "|---|" + "---:|" * (len(DROPPING_RULES) + 1),
+    ]
+    for part, row in report.items():
+        name = f"**{part}**" if part == "total" else part
+        kept = f"{100 * row['kept'] / row['read']:.2f}%" if row["read"] else "-"
+        cells = [f"{100 * row['dropped_share'][r]:.2f}% ({100 * row['dropped_share_of_reaching'][r]:.2f}%)"
+                 for r in DROPPING_RULES]
+        lines.append(f"| {name} | {kept} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -483,62 +518,40 @@ def _prune(folder: Path, keep: set[str]) -> None:
 # ---------------------------------------------------------------------------- prepare
 
 
-def prepare(
-    source_dir: Optional[Path],
-    out_dir: Path,
-    *,
-    train_prefix: str = "train/train",
-    dev_prefix: str = "dev/newstest2013",
-    test_src: str = "test/newstest2014-fren-src.en.sgm",
-    test_ref: str = "test/newstest2014-fren-ref.fr.sgm",
-    src_lang: str = "en",
-    tgt_lang: str = "fr",
-    vocab_size: int = 8000,
-    model_type: str = "bpe",
-    max_len: int = 50,
-    max_train_pairs: Optional[int] = None,
-    seed: int = 0,
-    progress: bool = True,
-    preset: Optional[str] = None,
-    parts: Optional[Sequence[str]] = None,
-    dev_sets: Optional[Sequence[str]] = None,
-    test_set: Optional[str] = None,
-    cache_dir: Optional[Path] = None,
-    verify_checksums: bool = True,
-    registry: Optional[Registry] = None,
-    rules: Optional[CleanRules] = None,
-    joint_vocab: bool = False,
-    spm_sample_pairs: int = 1_000_000,
-    shard_size: int = 100_000,
-    workers: Optional[int] = None,
-    corpora: Optional[Sequence[CorpusFiles]] = None,
-    dev: Optional[CorpusFiles] = None,
-    test: Optional[CorpusFiles] = None,
-) -> PrepareResult:
-    """Build everything training and evaluation read from ``out_dir`` (see the module docstring).
+def clean_rules(data: DataConfig) -> CleanRules:
+    """The cleaning rules the data config switches on."""
+    return CleanRules(normalize=data.normalize, fold_line_breaks=data.fold_line_breaks, drop_empty=data.drop_empty,
+                      max_words=data.max_words, max_ratio=data.max_ratio, dedupe=data.dedupe)
 
-    ``source_dir`` is a mirror: a directory holding the archives or their extracted
-    files; with ``None`` the archives are downloaded into ``cache_dir``. Training
-    data comes from the registry ``parts`` (or a ``preset``); with neither, from
-    ``{source_dir}/{train_prefix}.{lang}[.gz]``. Dev and test come from the registry
-    eval sets ``dev_sets`` (concatenated) and ``test_set``, or else from
-    ``dev_prefix`` (plain text) and ``test_src``/``test_ref``. With ``corpora``, ``dev``
-    and ``test`` (a user's own files, :mod:`distnmt.data.custom`), from those instead.
-    ``registry`` defaults to the one of the language pair (:func:`registry_for`).
+
+def prepare(
+    data: DataConfig, *, seed: int = TrainConfig.seed, progress: bool = True, registry: Optional[Registry] = None,
+) -> PrepareResult:
+    """Build everything training and evaluation read from ``data.prepared_dir`` (see the module docstring).
+
+    ``data.source_dir`` is a mirror: a directory holding the archives or their
+    extracted files; with ``None`` the archives are downloaded into ``data.cache_dir``.
+    Training data comes from the registry ``data.parts`` (or a ``data.preset``); with
+    neither, from ``{source_dir}/{train_prefix}.{lang}[.gz]``. Dev and test come from
+    the registry eval sets ``data.dev_sets`` (concatenated) and ``data.test_set``, or
+    else from ``data.dev_prefix`` (plain text) and ``data.test_src``/``data.test_ref``.
+    With ``data.corpora``, ``data.dev`` and ``data.test`` (a user's own files,
+    :mod:`distnmt.data.custom`), from those instead. Every value is range-checked
+    first (:meth:`DataConfig.checks`, ConfigError).
+
+    ``seed`` (the run's ``train.seed``) draws the sentencepiece sample and seeds its
+    trainer; ``registry`` is where parts and eval sets are looked up, by default the
+    one of the language pair (:func:`registry_for`).
     """
     started = time.monotonic()
-    out_dir = Path(out_dir)
-    rules = rules if rules is not None else CleanRules()
-    for name, value, low in (("max_len", max_len, 1), ("vocab_size", vocab_size, 1), ("shard_size", shard_size, 1),
-                             ("spm_sample_pairs", spm_sample_pairs, 1)):
-        if value < low:
-            raise ValueError(f"{name} must be positive, got {value}")
-    if max_train_pairs is not None and max_train_pairs < 1:
-        raise ValueError(f"max_train_pairs must be positive, got {max_train_pairs}")
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be positive, got {workers}")
-    if src_lang == tgt_lang:
-        raise ValueError(f"src_lang and tgt_lang are both {src_lang!r}")
+    check_data(data)
+    out_dir = Path(data.prepared_dir)
+    source_dir = Path(data.source_dir) if data.source_dir is not None else None
+    src_lang, tgt_lang = data.src_lang, data.tgt_lang
+    preset, parts, dev_sets, test_set = data.preset, data.parts, data.dev_sets, data.test_set
+    vocab_size, model_type, joint_vocab, max_len = data.vocab_size, data.spm_model_type, data.joint_vocab, data.max_len
+    max_train_pairs, spm_sample_pairs, shard_size = data.max_train_pairs, data.spm_sample_pairs, data.shard_size
+    rules = clean_rules(data)
     mirror = Path(source_dir).resolve() if source_dir is not None else None
     if mirror is not None and not mirror.is_dir():
         raise DataError.at(mirror, None, "mirror directory not found")
@@ -546,7 +559,7 @@ def prepare(
 
     # ---- 1. sources: everything is located (or downloaded) before any output is touched.
     # A user's own files (issue 17): checked here, TSVs split once the work dir exists.
-    own = custom.locate(corpora, dev, test, langs, mirror) if corpora is not None else None
+    own = custom.locate(data.corpora, data.dev, data.test, langs, mirror) if data.corpora is not None else None
     registry_mode = parts is not None or preset is not None
     if registry is None:
         registry = registry_for(src_lang, tgt_lang) if (registry_mode or dev_sets or test_set) else REGISTRY
@@ -556,8 +569,8 @@ def prepare(
     eval_items = [registry.eval_set(n) for n in (dev_sets or [])] + ([registry.eval_set(test_set)] if test_set else [])
     if mirror is None and not registry_mode and own is None:
         raise DataError("data.source_dir is null (download), which needs data.preset or data.parts")
-    fetcher = Fetcher(mirror, Path(cache_dir) if cache_dir is not None else PreparedData(out_dir).default_cache_dir, registry,
-                      src_lang, tgt_lang, verify=verify_checksums, progress=progress)
+    fetcher = Fetcher(mirror, Path(data.cache_dir), registry, src_lang, tgt_lang, verify=data.verify_checksums,
+                      progress=progress)
     t0 = time.monotonic()
     located = fetcher.fetch([*part_list, *eval_items]) if (part_list or eval_items) else {}
     if own is not None:
@@ -566,7 +579,8 @@ def prepare(
         train_parts = [(p.name, *located[p.name]) for p in part_list]
     else:
         assert mirror is not None
-        train_parts = [("train", _train_file(mirror, train_prefix, src_lang), _train_file(mirror, train_prefix, tgt_lang))]
+        train_parts = [("train", _train_file(mirror, data.train_prefix, src_lang),
+                        _train_file(mirror, data.train_prefix, tgt_lang))]
     if own is not None:
         dev_files, test_files = [], []  # after custom.materialize, below
     elif mirror is None and not (dev_sets and test_set):
@@ -577,20 +591,20 @@ def prepare(
         dev_files = [located[n] for n in dev_sets]
     else:
         assert mirror is not None
-        dev_files = [(_existing(mirror / f"{dev_prefix}.{src_lang}"), _existing(mirror / f"{dev_prefix}.{tgt_lang}"))]
+        dev_files = [(_existing(mirror / f"{data.dev_prefix}.{src_lang}"), _existing(mirror / f"{data.dev_prefix}.{tgt_lang}"))]
     if own is not None:
         pass
     elif test_set:
         test_files = [located[test_set]]
     else:
         assert mirror is not None
-        test_files = [(_existing(mirror / test_src), _existing(mirror / test_ref))]
+        test_files = [(_existing(mirror / data.test_src), _existing(mirror / data.test_ref))]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = PreparedData(out_dir, src_lang, tgt_lang)
     # An old manifest would vouch for files this run is about to replace.
     prepared.manifest_path.unlink(missing_ok=True)
-    run = _Run(prepared, langs, rules, workers or default_workers(), progress, seed)
+    run = _Run(prepared, langs, rules, data.workers or default_workers(), progress, seed)
     run.work.mkdir(parents=True, exist_ok=True)
     if own is not None:  # a TSV becomes the two files the stages read
         custom.materialize(own, run.work, langs)
@@ -651,13 +665,13 @@ def prepare(
     }
     config = {
         "preset": preset, "parts": list(parts) if parts is not None else None,
-        "train_prefix": None if registry_mode else train_prefix,
+        "train_prefix": None if registry_mode else data.train_prefix,
         "dev_sets": list(dev_sets) if dev_sets else None, "test_set": test_set,
-        "dev_prefix": None if dev_sets else dev_prefix, "test_src": None if test_set else test_src,
-        "test_ref": None if test_set else test_ref, "src_lang": src_lang, "tgt_lang": tgt_lang,
+        "dev_prefix": None if dev_sets else data.dev_prefix, "test_src": None if test_set else data.test_src,
+        "test_ref": None if test_set else data.test_ref, "src_lang": src_lang, "tgt_lang": tgt_lang,
         "vocab_size": vocab_size, "model_type": model_type, "joint_vocab": joint_vocab, "max_len": max_len,
         "max_train_pairs": max_train_pairs, "seed": seed, "spm_sample_pairs": spm_sample_pairs,
-        "shard_size": shard_size, "rules": rules.to_dict(), "verify_checksums": verify_checksums,
+        "shard_size": shard_size, "rules": rules.to_dict(), "verify_checksums": data.verify_checksums,
         **({"corpora": [c.describe() for c in own.corpora], "dev": own.dev.describe(), "test": own.test.describe()}
            if own is not None else {}),
     }

@@ -99,11 +99,6 @@ class PreparedData:
     def shard_dir(self) -> Path:
         return self.root / "shards"
 
-    @property
-    def default_cache_dir(self) -> Path:
-        """Where downloads go when no cache directory is given."""
-        return self.root / "cache"
-
     def train_prefix(self, lang: str) -> Path:
         """Prefix of the training token array of ``lang`` (``TokenArray`` opens it)."""
         return self.root / f"train.{lang}"

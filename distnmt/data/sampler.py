@@ -88,7 +88,8 @@ class BucketBatchSampler:
             i = int(too_long[0])
             raise DataError(
                 f"pair {i}: needs {int(self._cost[i])} tokens (src {int(src[i])}, tgt {int(tgt[i])}, +1 for EOS) "
-                f"but max_tokens is {max_tokens}; {len(too_long)} pair(s) too long: raise max_tokens or lower max_len"
+                f"but max_tokens is {max_tokens}; {len(too_long)} pair(s) too long: raise data.max_tokens, or prepare "
+                f"with a lower data.max_len (with train.batch_sentences, train with the data.max_len prepared)"
             )
         self.max_tokens = int(max_tokens)
         self.num_replicas = int(num_replicas)

@@ -21,8 +21,10 @@ which ``distnmt evaluate`` calls without the actor; the records are
 - early stopping: :meth:`Evaluator.stop_reason`, asked by training rank 0
   after each report, says why to stop once ``eval.patience`` scored
   checkpoints have not beaten the best dev BLEU;
-- the end of the run, :meth:`Evaluator.finalize`: the best checkpoint by dev
-  BLEU scored on newstest2014, the paper's figures, ``eval/final.json``, W&B;
+- the end of the run, :meth:`Evaluator.finalize`: it catches up on checkpoints
+  never handed over, then runs :func:`distnmt.evaluate.final.finish_run` (the best
+  checkpoint by dev BLEU scored on newstest2014, the paper's figures) and writes
+  ``eval/final.json`` and W&B;
 - restarts: every score is persisted at once (:mod:`distnmt.evaluate.records`),
   a restarted actor reads them back, and Ray retries the call that was in
   flight (``max_task_retries``), so no reported checkpoint goes unscored.
@@ -30,14 +32,13 @@ which ``distnmt evaluate`` calls without the actor; the records are
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import posixpath
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import ray
 import torch
@@ -45,6 +46,7 @@ import torch
 from distnmt.checkpoint import META_FILE, is_checkpoint_name, list_checkpoints, meta_path, read_meta
 from distnmt.config import Config, config_from_dict
 from distnmt.data.prepared import PreparedData
+from distnmt.evaluate.final import finish_run
 from distnmt.evaluate.policy import EarlyStopping, best_record, should_skip
 from distnmt.evaluate.records import FinalReport, Record, RecordStore, ScoreRecord, SkipRecord
 from distnmt.evaluate.score import EvalSplit, Scored, decode_settings, evaluate_checkpoint, load_split
@@ -246,7 +248,12 @@ class Evaluator:
         """
         with self._lock:
             self._catch_up()
-            final = self._finalize()
+            final = finish_run(
+                self.training_records(), self.cfg.eval, self.run_dir, self.store.out_dir, self._stop_sent,
+                skipped=[r.checkpoint for r in self.store.skipped if r.split == self.split],
+                score_test=lambda directory, best: self._score(directory, best.checkpoint, "test", origin="final"),
+                load_split=self._load_split, device=self.device,
+            )
             write_json(self.store.out_dir / "final.json", final.to_dict())
             try:
                 if final.best is not None:
@@ -262,14 +269,19 @@ class Evaluator:
         When a worker failure restarts the run, Ray Train cancels the validation
         in flight and does not queue it again within the same run, so a reported
         checkpoint could go unscored. Its directory is in the run directory; it is
-        scored here (or, under policy "newest", recorded as skipped for the newest).
+        scored here (or, under policy "newest", recorded as skipped for the newest);
+        one scored by ``distnmt evaluate`` meanwhile is re-issued as a training score.
         """
         on_disk = sorted(list_checkpoints(self.run_dir), key=lambda p: int(read_meta(p)["step"]))
         for path in on_disk:
-            if self._find(self.split, path.name) is not None or self.store.find_skip(self.split, path.name):
+            existing = self._find(self.split, path.name)
+            if (existing is not None and existing.origin == "training") or self.store.find_skip(self.split, path.name):
                 continue
             step = int(read_meta(path)["step"])
             reported_at = meta_path(path).stat().st_mtime
+            if existing is not None:  # scored by `distnmt evaluate`: re-issued, not decoded again
+                self._score(path, path.name, self.split, origin="training", reported_at=reported_at)
+                continue
             if self.cfg.eval.policy == "newest" and path != on_disk[-1]:
                 self._skip(path.name, step, on_disk[-1].name, reported_at, str(path))
                 continue
@@ -282,62 +294,6 @@ class Evaluator:
         path = self.store.out_dir / "final.json"
         return FinalReport.from_dict(json.loads(path.read_text(encoding="utf-8")) if path.exists() else {})
 
-    def _finalize(self) -> FinalReport:
-        records = self.training_records()
-        best = best_record(records)
-        final = FinalReport(
-            best=best, stop_reason=self._stop_sent,
-            skipped=[r.checkpoint for r in self.store.skipped if r.split == self.split],
-            lag_seconds=lag_summary(records),
-        )
-        if best is None:
-            print("[evaluator] no checkpoint was scored: nothing to finalize", flush=True)
-            return final
-        with self._checkpoint_dir(best) as directory:
-            if directory is None:
-                print(f"[evaluator] best checkpoint {best.checkpoint} is gone from {best.path} "
-                      "(deleted by train.keep_checkpoints?): no test score, no figures", flush=True)
-                return final
-            if self.cfg.eval.test_at_end and self.split != "test":
-                test = self._score(directory, best.checkpoint, "test", origin="final")
-                final.test = test
-                print(f"[evaluator] best by {best.test_set} BLEU: {best.checkpoint} (step {best.step}, "
-                      f"{best.bleu:.2f}); {test.test_set}: {test.bleu_line}", flush=True)
-            if self.cfg.eval.figures:
-                final.figures = [str(p.relative_to(self.run_dir)) for p in self._figures(best, final.test, directory)]
-        return final
-
-    @contextlib.contextmanager
-    def _checkpoint_dir(self, record: ScoreRecord) -> Iterator[Optional[Path]]:
-        """A local directory holding the record's checkpoint (fetched from cloud storage if need be)."""
-        path = str(record.path or self.run_dir / record.checkpoint)
-        if Path(path).is_dir():
-            yield Path(path)
-            return
-        try:
-            checkpoint = ray.train.Checkpoint(path)
-            exists = checkpoint.filesystem.get_file_info(posixpath.join(checkpoint.path, META_FILE)).is_file
-        except (OSError, ValueError):
-            exists = False
-        if not exists:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
-
-    def _figures(self, best: ScoreRecord, test: Optional[ScoreRecord], directory: Path) -> list[Path]:
-        """Figure 2 (BLEU by source length, on test if scored) and Figure 3 (attention) for ``best``."""
-        # Late: matplotlib takes a second to import, needed once per run, and a
-        # restarted actor should be back to scoring as soon as it can.
-        from distnmt.evaluate.figures import draw_run_figures
-
-        scored = test or best
-        hypotheses = (self.store.out_dir / scored.hyp_file).read_text(encoding="utf-8").splitlines()
-        paths = draw_run_figures(self.run_dir / "figures", best, scored, self._load_split(scored.split), hypotheses,
-                                 self._load_split(self.split), directory, self.cfg.eval, self.device)
-        print(f"[evaluator] figures: {', '.join(str(p.relative_to(self.run_dir)) for p in paths)}", flush=True)
-        return paths
-
 
 def _mtime(filesystem: Any, path: str) -> Optional[float]:
     """When ``path`` landed in storage: Ray uploads a checkpoint just before it registers the report."""
@@ -346,11 +302,3 @@ def _mtime(filesystem: Any, path: str) -> Optional[float]:
     except OSError:
         return None
     return info.mtime.timestamp() if info.mtime is not None else None
-
-
-def lag_summary(records: list[ScoreRecord]) -> Optional[dict[str, float]]:
-    """Mean and max of the stored lags (None when no score has one)."""
-    lags = [r.lag_seconds for r in records if r.lag_seconds is not None]
-    if not lags:
-        return None
-    return {"mean": round(sum(lags) / len(lags), 2), "max": round(max(lags), 2), "checkpoints": len(lags)}

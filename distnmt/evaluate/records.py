@@ -24,8 +24,9 @@ from typing import Any, Optional, TypeVar, Union
 from distnmt.io import append_line, write_text
 
 SPLITS = ("dev", "test")
-# Decoding settings a score depends on: a record is reused only when all match.
-DECODE_KEYS = ("beam_size", "alpha", "max_len_a", "max_len_b")
+# Decoding settings a score depends on (and eval.bleu_tokenize, issue 17): a record is
+# reused only when all match.
+DECODE_KEYS = ("beam_size", "alpha", "max_len_a", "max_len_b", "bleu_tokenize")
 # Who asked for a score: the training hook, the end of the run, or `distnmt evaluate`.
 ORIGINS = ("training", "final", "evaluate")
 
@@ -50,6 +51,7 @@ class ScoreRecord:
     alpha: Optional[float] = None
     max_len_a: Optional[float] = None
     max_len_b: Optional[int] = None
+    bleu_tokenize: Optional[str] = None  # sacreBLEU's tokenizer (also in bleu_signature)
     # Teacher-forced cross-entropy (nats) per target subword, EOS included, over the
     # same sentences: comparable across systems with the same target sentencepiece model
     # long before BLEU moves. None on lines older than the field.

@@ -146,7 +146,9 @@ class Engine(ABC):
 
     @abstractmethod
     def state_for_checkpoint(self) -> dict[str, Any]:
-        """What rank 0 puts into state.pt (always including the full "model" weights)."""
+        """What rank 0 puts into state.pt (always including the full fp32 "model" weights).
+
+        Every rank calls it: under DeepSpeed it gathers partitioned weights (a collective)."""
 
     def save_sharded(self, directory: Path) -> None:
         """Per-rank state written by every rank into its own copy of the checkpoint dir."""
@@ -362,9 +364,31 @@ class DeepSpeedEngine(Engine):
         )
 
     def state_for_checkpoint(self) -> dict[str, Any]:
-        # Full weights for the evaluator and `translate` (ZeRO <= 2 keeps every
-        # parameter on every rank; with bf16 they are the bf16 copies).
-        return {"model": {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}}
+        """Every parameter whole and in fp32, for the evaluator and `translate`.
+
+        A collective (every rank calls it, as Trainer.save does). ZeRO-3 holds a
+        slice of each parameter per rank (the module's own tensors are empty), and
+        with bf16 or fp16 the module holds low-precision copies while the optimizer
+        updates fp32 master weights, partitioned under ZeRO-1/2/3: DeepSpeed's
+        ``safe_get_full_fp32_param`` gathers a master weight over the ranks. Where
+        there is no master copy (fp32 without ZeRO), the parameter is the weight.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[int, torch.Tensor] = {}
+        weights: dict[str, torch.Tensor] = {}
+        for name, param in self.module.named_parameters(remove_duplicate=False):
+            if id(param) not in full:  # tied weights: gathered once
+                master = safe_get_full_fp32_param(param)
+                if master is None:
+                    if hasattr(param, "ds_id"):
+                        raise RuntimeError(f"ZeRO-3 parameter {name} has no fp32 master to gather")
+                    master = param.detach()
+                full[id(param)] = master.detach().float().cpu().clone()
+            weights[name] = full[id(param)]
+        for name, buffer in self.module.named_buffers():
+            weights[name] = buffer.detach().cpu().clone()
+        return {"model": weights}
 
     def save_sharded(self, directory: Path) -> None:
         # A collective: every rank writes its optimizer partition (ZeRO) into its

@@ -32,7 +32,7 @@ def agree(finite: bool | torch.Tensor, out_of_time: bool, rank: int, device: tor
     device): the flags are then built on the device and the only host read is the
     result. On the training device: NCCL reduces GPU tensors only.
     """
-    bad = torch.logical_not(torch.as_tensor(finite, device=device)).to(torch.int32).reshape(1)
+    bad = torch.logical_not(torch.as_tensor(finite).to(device)).to(torch.int32).reshape(1)
     late = torch.tensor([1 if rank == 0 and out_of_time else 0], dtype=torch.int32, device=device)
     flags = torch.cat([bad, late])
     if dist.is_available() and dist.is_initialized():
@@ -89,14 +89,15 @@ class PreemptionWatch:
 
 @dataclass
 class CheckpointPolicy:
-    """A checkpoint every ``every`` steps, at the last step, and before any stop that
-    is not a failure (time budget spent, preemption notice)."""
+    """A checkpoint every ``every`` steps, at the last step (train.max_steps, or the
+    last batch of train.max_epochs), and before any stop that is not a failure (time
+    budget spent, preemption notice)."""
 
     every: int      # train.checkpoint_every
     max_steps: int  # train.max_steps
 
-    def due(self, step: int, out_of_time: bool = False, preempted: bool = False) -> bool:
-        return step % self.every == 0 or step >= self.max_steps or out_of_time or preempted
+    def due(self, step: int, out_of_time: bool = False, preempted: bool = False, last: bool = False) -> bool:
+        return step % self.every == 0 or step >= self.max_steps or out_of_time or preempted or last
 
 
 @dataclass

@@ -95,8 +95,10 @@ class Meter:
         self.started = time.time()
 
     def add(self, stats: StepStats) -> None:
-        for i, value in enumerate((stats.loss_sum, stats.tokens, stats.padded_tokens)):
-            self.sums[i] = self.sums[i] + value  # a float, or a device tensor: no host read
+        # The loss stays a device tensor (StepStats.loss_sum_t): adding it reads nothing back;
+        # the token counts were made on the host at collate time.
+        for i, value in enumerate((stats.loss_sum_t, stats.tokens, stats.padded_tokens)):
+            self.sums[i] = self.sums[i] + value
         self.steps += 1
 
     def read(self) -> dict[str, float]:
@@ -229,8 +231,9 @@ class Trainer:
         meter = Meter(self.device)
         loader = Prefetcher(step_groups(self.sampler, self.accumulate, self.epoch, self.cfg.train.max_epochs),
                             self.src, self.tgt, self.device)
-        group = loader.next() if self.step < self.cfg.train.max_steps else None
-        reason = None if group is not None else f"train.max_steps={self.cfg.train.max_steps} reached"
+        done = self.step >= self.cfg.train.max_steps  # a rerun of a finished run trains nothing
+        group = None if done else loader.next()
+        reason = f"train.max_steps={self.cfg.train.max_steps} reached" if done else None
         self.budget.start()
         try:
             while group is not None and reason is None:
@@ -244,7 +247,7 @@ class Trainer:
                 if batch_log is not None:
                     self._log_batches(batch_log, group)
 
-                facts = agree(stats.finite, self.budget.spent(), self.rank, self.device)
+                facts = agree(stats.finite_t, self.budget.spent(), self.rank, self.device)
                 if self.streak.update(facts.nonfinite) and self.rank == 0:
                     say(f"[train] step {self.step}: non-finite loss or gradient, update skipped "
                         f"({self.streak.streak} in a row)")
@@ -256,7 +259,8 @@ class Trainer:
                     self._report_nonfinite()
                     break
                 preempted = self._preempted()
-                if self.checkpoints.due(self.step, facts.out_of_time, preempted) and self._checkpointable():
+                last = upcoming is None  # train.max_epochs: no batch left
+                if self.checkpoints.due(self.step, facts.out_of_time, preempted, last) and self._checkpointable():
                     self.save(wandb_run.id if wandb_run is not None else self.wandb_id)
                     reason = self.session.stop_reason() or reason
                 group = upcoming
@@ -304,8 +308,7 @@ class Trainer:
                    else f"not the configured {train.batch_sentences}: {self.world} does not divide it")
             return (f"[train] world size {self.world}: accumulating {self.accumulate} micro-batch(es) of "
                     f"{batch_budget(self.cfg).max_sentences} sentences per rank per step = {have} sentences per step, {how}")
-        want = train.accumulate * train.max_workers * self.cfg.data.max_tokens
-        have = self.accumulate * self.world * self.cfg.data.max_tokens
+        want, have = self.cfg.step_token_budget(), self.cfg.step_token_budget(self.world)
         how = "the configured effective batch" if have == want else f"not the configured {want}: {self.world} does not divide it"
         return (f"[train] world size {self.world} of {train.min_workers}-{train.max_workers}: accumulating "
                 f"{self.accumulate} micro-batch(es) per rank per step = {have} tokens per step, {how}")

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from distnmt.config import Config, load_config
+from distnmt.config import Config, DataConfig, load_config
 from distnmt.data.prepare import prepare
 
 # Ray Train's controller polls its workers every 2 s by default; a tiny run lasts
@@ -39,7 +39,7 @@ TINY = [
 def prepared(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """3000 real WMT'14 training pairs, 800-subword vocabularies, dev/test in full."""
     out = tmp_path_factory.mktemp("prepared")
-    prepare(shared_data, out, vocab_size=800, max_len=30, max_train_pairs=3000, progress=False)
+    prepare(DataConfig(source_dir=str(shared_data), prepared_dir=str(out), vocab_size=800, max_len=30, max_train_pairs=3000), progress=False)
     return out
 
 

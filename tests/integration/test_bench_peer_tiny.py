@@ -26,6 +26,9 @@ def _check(result: dict, system: str) -> None:
     assert result["tokens_per_s"] > 0 and result["updates"] > 0 and result["params"] > 0
     assert 0 < result["padding_efficiency"] <= 1 and result["peak_rss_tree_mib"] > 0
     assert set(result["minutes_to_dev_bleu"]) == {"0.1", "0.2", "0.5", "1"}
+    # Dev cross-entropy per target subword at every dev point (distnmt: its records; JoeyNMT: its logged ppl).
+    assert set(result["minutes_to_dev_xent"]) == {"6", "5", "4.5", "4"}
+    assert all(p["xent"] is not None and p["xent"] > 0 for p in result["dev_curve"])
     assert result["test"]["sentences"] == 20 and "tok:13a" in result["test"]["bleu_signature"]
 
 

@@ -143,6 +143,10 @@ def test_killing_the_evaluator_mid_decode_loses_no_score(local_ray: None, prepar
     # Every reported checkpoint has its score, exactly once, though one decode was cut short.
     assert sorted(r["checkpoint"] for r in persisted) == checkpoints
     assert sorted(r.checkpoint for r in records) == checkpoints
+    # Each training score stores its lag (from the report in storage) and its dev cross-entropy.
+    for record in persisted:
+        assert record["lag_seconds"] == round(record["scored_at"] - record["reported_at"], 2) > 0
+        assert record["xent"] > 0 and record["xent_tokens"] > record["sentences"]
     # The one being decoded when the actor died was scored by its successor.
     victim = next(r for r in persisted if r["checkpoint"] == killer.killed["decoding"])
     assert victim["evaluator_pid"] != killer.killed["pid"]

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import pytest
 
+from distnmt.config import DataConfig
 from distnmt.data.prepare import prepare
 
 pytestmark = pytest.mark.integration
@@ -84,7 +85,7 @@ class Head:
 @pytest.fixture(scope="module")
 def tiny_prepared() -> Iterator[Path]:
     out = Path(tempfile.mkdtemp(prefix="dnt-prep-"))
-    prepare(SHARED, out, vocab_size=800, max_len=30, max_train_pairs=3000, progress=False)
+    prepare(DataConfig(source_dir=str(SHARED), prepared_dir=str(out), vocab_size=800, max_len=30, max_train_pairs=3000), progress=False)
     yield out
     shutil.rmtree(out, ignore_errors=True)
 
