@@ -66,7 +66,7 @@ def _write_synthetic(cfg: Config, settings: list[str]) -> None:
     The config must read it where it is written (data.train_prefix etc., as in
     configs/claim.yaml); prepare then runs on it as on any corpus.
     """
-    from distnmt.data.synthetic import SyntheticTask, write_corpus
+    from distnmt.data.synthetic import write_for_config
 
     fields: dict[str, int] = {}
     for item in settings:
@@ -77,19 +77,8 @@ def _write_synthetic(cfg: Config, settings: list[str]) -> None:
             raise ConfigError(f"--synthetic {item!r}: expected KEY=INTEGER with KEY one of words, min_words, max_words, "
                               "group, train_pairs, dev_pairs, test_pairs, seed, log_lengths")
         fields[key] = int(value)
-    d = cfg.data
-    if d.source_dir is None or d.preset is not None or d.parts is not None or d.dev_sets or d.test_set:
-        raise ConfigError("--synthetic: needs data.source_dir (where to write) and no data.preset, parts, dev_sets "
-                          "or test_set (see configs/claim.yaml)")
-    try:
-        task = SyntheticTask(**fields, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
-    except ValueError as err:
-        raise ConfigError(f"--synthetic: {err}") from None
-    written = write_corpus(task, Path(d.source_dir))
-    for key, rel in written.items():
-        if getattr(d, key) != str(rel):
-            raise ConfigError(f"data.{key}: {getattr(d, key)!r} but --synthetic writes {str(rel)!r}")
-    print(f"[prepare] synthetic corpus in {d.source_dir}: {task}", flush=True)
+    task = write_for_config(cfg.data, fields)
+    print(f"[prepare] synthetic corpus in {cfg.data.source_dir}: {task}", flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

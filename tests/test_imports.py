@@ -110,20 +110,8 @@ def file_name_literals(package: Path = PACKAGE) -> list[str]:
     return found
 
 
-# Violations known at the time of writing, each to be fixed by its module's owner; listed
-# by module and target (not line) so that an edit elsewhere in the file keeps it matched.
-# The test fails on any other violation, and when a listed one is gone (drop it here).
-KNOWN = {
-    # `distnmt bench claim` runs `distnmt prepare --synthetic` through the CLI's main:
-    # the synthetic-corpus step (cli._write_synthetic) belongs below the CLI.
-    ("distnmt.bench.claim", "distnmt.cli"),
-}
-
-
 def test_imports_follow_the_flow() -> None:
-    found = {v: tuple(re.findall(r"(distnmt[\w.]*) \(", v)[:2]) for v in violations()}
-    assert [v for v, pair in found.items() if pair not in KNOWN] == []
-    assert set(found.values()) == KNOWN, "a known violation was fixed: remove it from KNOWN"
+    assert violations() == []
 
 
 def test_only_checkpoint_py_names_checkpoint_files() -> None:

@@ -161,14 +161,16 @@ def main(argv: list[str]) -> int:
     common = [f"data.source_dir={out / 'corpus'}", f"data.prepared_dir={out / 'prepared'}",
               f"train.storage_path={out / 'runs'}", *(TINY if args.tiny else []), *args.overrides]
 
-    from distnmt.cli import main as cli_main
+    from distnmt.data.prepare import prepare
+    from distnmt.data.synthetic import write_for_config
     from distnmt.orchestrate import run_training
 
     started = time.time()
-    prepare_argv = ["prepare", "--config", str(args.config), "--quiet", *(x for o in common for x in ("--set", o)),
-                    "--synthetic", *(f"{k}={v}" for k, v in task.items())]
-    if cli_main(prepare_argv) != 0:
-        return 2
+    # What `distnmt prepare --synthetic` does: write the task, then prepare it like any corpus.
+    data_cfg = load_config(args.config, common)
+    print(f"[bench claim] synthetic corpus in {data_cfg.data.source_dir}: {write_for_config(data_cfg.data, task)}",
+          flush=True)
+    prepare(data_cfg.data, seed=data_cfg.train.seed, progress=False)
     prepared = out / "prepared"
     results: dict[str, dict[str, Any]] = {}
     for model in models:

@@ -30,8 +30,12 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distnmt.io import write_json, write_text
+
+if TYPE_CHECKING:
+    from distnmt.config import DataConfig
 
 __all__ = ["SyntheticTask", "translate", "write_corpus", "CORPUS_FILE"]
 
@@ -133,3 +137,23 @@ def write_corpus(task: SyntheticTask, root: Path) -> dict[str, Path]:
         "train_prefix": Path("train/train"), "dev_prefix": Path("dev/dev"),
         "test_src": Path(f"test/test.{task.src_lang}"), "test_ref": Path(f"test/test.{task.tgt_lang}"),
     }
+
+
+def write_for_config(data: "DataConfig", fields: dict[str, int]) -> SyntheticTask:
+    """Write the task (``fields`` override SyntheticTask's defaults) into ``data.source_dir``,
+    where ``data``'s prefixes must read it (as configs/claim.yaml does); prepare then runs
+    on it as on any corpus. Mistakes are one-line ConfigErrors naming the key."""
+    from distnmt.config import ConfigError  # config sits below data; imported late to keep this module light
+
+    if data.source_dir is None or data.preset is not None or data.parts is not None or data.dev_sets or data.test_set:
+        raise ConfigError("--synthetic: needs data.source_dir (where to write) and no data.preset, parts, dev_sets "
+                          "or test_set (see configs/claim.yaml)")
+    try:
+        task = SyntheticTask(**fields, src_lang=data.src_lang, tgt_lang=data.tgt_lang)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--synthetic: {err}") from None
+    written = write_corpus(task, Path(data.source_dir))
+    for key, rel in written.items():
+        if getattr(data, key) != str(rel):
+            raise ConfigError(f"data.{key}: {getattr(data, key)!r} but --synthetic writes {str(rel)!r}")
+    return task
