@@ -49,8 +49,9 @@ class LengthBin:
 
 
 def bleu_by_length(sources: list[str], hypotheses: list[str], references: list[str],
-                   width: int = LENGTH_BIN, last_start: int = LAST_BIN_START) -> list[LengthBin]:
-    """Corpus BLEU per bin of source length (whitespace words); empty bins are left out."""
+                   width: int = LENGTH_BIN, last_start: int = LAST_BIN_START, tokenize: str = "13a") -> list[LengthBin]:
+    """Corpus BLEU per bin of source length (whitespace words); empty bins are left out.
+    ``tokenize``: sacreBLEU's tokenizer (eval.bleu_tokenize), as for the run's scores."""
     if not (len(sources) == len(hypotheses) == len(references)):
         raise ValueError(f"{len(sources)} sources, {len(hypotheses)} hypotheses, {len(references)} references")
     groups: dict[int, list[int]] = {}
@@ -61,7 +62,7 @@ def bleu_by_length(sources: list[str], hypotheses: list[str], references: list[s
     bins = []
     for start in sorted(groups):
         index = groups[start]
-        score = BLEU().corpus_score([hypotheses[i] for i in index], [[references[i] for i in index]])
+        score = BLEU(tokenize=tokenize).corpus_score([hypotheses[i] for i in index], [[references[i] for i in index]])
         high = -1 if start >= last_start else start + width - 1
         bins.append(LengthBin(low=start, high=high, sentences=len(index), bleu=score.score))
     return bins
@@ -129,7 +130,7 @@ def draw_run_figures(out: Path, best: "ScoreRecord", scored: "ScoreRecord", scor
     """
     from distnmt.evaluate.translator import translator_from_checkpoint
 
-    bins = bleu_by_length(scored_split.sources, hypotheses, scored_split.references)
+    bins = bleu_by_length(scored_split.sources, hypotheses, scored_split.references, tokenize=eval_cfg.bleu_tokenize)
     title = (f"{best.checkpoint} (step {best.step}) on {scored.test_set}: "
              f"BLEU {scored.bleu:.2f}, beam {scored.beam_size}")
     paths = [plot_bleu_by_length(bins, out / "bleu_by_length.png", title)]
