@@ -8,16 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, what launch/test.sh runs) the
-    integration tests run one after another on one worker, while the unit tests share
-    the rest: a Ray run spends much of its time waiting (start-up, polling), so the
-    unit tests fill the second core instead of two Ray clusters fighting for both."""
-    for item in items:
-        if item.get_closest_marker("integration") is not None:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
 # CI clones the repository beside ../shared, so the sample lives outside the repo.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/wmt14-en-fr"
 
