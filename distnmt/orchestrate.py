@@ -83,6 +83,14 @@ def check_elastic(cfg: Config) -> None:
             f"train.workers: {cfg.train.workers} is elastic but {cfg.train.deepspeed_config} is ZeRO-3: "
             "a changing world size is supported with ZeRO-0/1/2 and DDP only (docs/ELASTIC.md)"
         )
+    if zero_stage(cfg) == 3:
+        # The checkpoint gathers ZeRO-3's partitioned fp32 masters (engine.state_for_checkpoint),
+        # but a 2-rank ZeRO-3 run on gloo aborts in a collective (tests/test_engine_zero.py):
+        # until that is understood, refuse it here rather than write checkpoints nobody verified.
+        raise ConfigError(
+            f"train.deepspeed_config: {cfg.train.deepspeed_config} is ZeRO-3, which distnmt does not support yet "
+            "(its checkpoints are not verified); use ZeRO-0/1/2 (configs/deepspeed/)"
+        )
 
 
 def start_evaluator(cfg: Config, run_dir: Path) -> tuple[Any, str]:

@@ -64,7 +64,10 @@ def _worker(rank: int, world: int, port: int, stage: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage, world", [(3, 2), (2, 1)])
+# ZeRO-3 (2 ranks) is not here: that run aborts in gloo with a collective size mismatch
+# (270 vs 60 bytes) after training, not yet diagnosed, so distnmt refuses ZeRO-3 before
+# Ray starts (tests/test_reliability.py::test_train_refuses_before_starting_ray[zero-stage-3]).
+@pytest.mark.parametrize("stage, world", [(2, 1)])
 def test_checkpoint_weights_are_the_full_fp32_masters(stage: int, world: int, tmp_path: Path) -> None:
     mp.spawn(_worker, args=(world, _port(), stage, str(tmp_path)), nprocs=world, join=True)
     out = torch.load(tmp_path / "out.pt", weights_only=True)

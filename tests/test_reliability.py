@@ -317,14 +317,17 @@ def _train_cli(prepared: Path, storage: Path, *sets: str) -> list[str]:
      r"batch.json: train_micro_batch_size_per_gpu is 8 but the YAML config implies 1 "),
     (["train.use_gpu=true"], r"train.use_gpu: True but this machine has no GPU"),
     (["eval.num_gpus=0.5"], r"eval.num_gpus: 0.5 but this machine has no GPU"),
-], ids=["zero-stage-4", "deepspeed-json-contradicts-yaml", "gpu-without-gpu", "eval-gpu-without-gpu"])
+    (["train.backend=deepspeed", "train.deepspeed_config={zero3}"],
+     r"train.deepspeed_config: .*zero3.json is ZeRO-3, which distnmt does not support yet"),
+], ids=["zero-stage-4", "deepspeed-json-contradicts-yaml", "gpu-without-gpu", "eval-gpu-without-gpu", "zero-stage-3"])
 def test_train_refuses_before_starting_ray(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            sets: list[str], message: str) -> None:
     if any("gpu" in s for s in sets) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     (tmp_path / "zero4.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    (tmp_path / "zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     (tmp_path / "batch.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
-    sets = [s.format(zero4=tmp_path / "zero4.json", batch=tmp_path / "batch.json") for s in sets]
+    sets = [s.format(zero4=tmp_path / "zero4.json", zero3=tmp_path / "zero3.json", batch=tmp_path / "batch.json") for s in sets]
     started = time.time()
     assert main(_train_cli(prepared, tmp_path, *sets)) == 2
     err = capsys.readouterr().err
