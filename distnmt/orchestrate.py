@@ -83,6 +83,10 @@ def check_elastic(cfg: Config) -> None:
             f"train.workers: {cfg.train.workers} is elastic but {cfg.train.deepspeed_config} is ZeRO-3: "
             "a changing world size is supported with ZeRO-0/1/2 and DDP only (docs/ELASTIC.md)"
         )
+
+
+def check_zero_stage(cfg: Config) -> None:
+    """ZeRO-3 is refused before Ray starts, elastic or not (see the comment below)."""
     if zero_stage(cfg) == 3:
         # The checkpoint gathers ZeRO-3's partitioned fp32 masters (engine.state_for_checkpoint),
         # but a 2-rank ZeRO-3 run on gloo aborts in a collective (tests/test_engine_zero.py):
@@ -162,6 +166,7 @@ def run_training(cfg: Config) -> list[ScoreRecord]:
     cfg = resolve_paths(cfg)
     manifest = PreparedData.from_config(cfg.data).manifest  # fail here, clearly, if `prepare` was not run
     check_elastic(cfg)
+    check_zero_stage(cfg)
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     preflight(cfg, run_dir, manifest)
     if cfg.train.local_mode:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # README command 2: set everything up, then run the whole test suite.
 #
-# The suite runs as two pytest processes side by side: the unit tests (one process,
-# mostly CPU) and tests/integration (real Ray clusters, one at a time, which spend much
-# of their time waiting on start-up and polling). On 2 cores that takes about the
-# time of the longer of the two instead of their sum. The integration tests' output is
-# printed after the unit tests'; the exit status is the worse of the two.
+# The suite runs as three pytest processes side by side: the unit tests (mostly CPU)
+# and tests/integration split into two streams (real Ray clusters, which spend most of
+# their time waiting on start-up, polling and each other: a serial run kept 2 cores
+# about a quarter busy). The integration output is printed after the unit tests'; the
+# exit status is the worst of the three.
 # With arguments (e.g. a test file or -k), one plain pytest run of just those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,19 +18,35 @@ if [ "$#" -gt 0 ]; then
 fi
 
 scratch=$(mktemp -d -t distnmt-tests.XXXXXX)
-# --basetemp: each run its own tmp_path root, so neither prunes the other's.
-python -m pytest -q -ra --durations=10 -p no:cacheprovider --basetemp="$scratch/integration" \
-  tests/integration >"$scratch/integration.log" 2>&1 &
-integration_pid=$!
-# Ctrl-C or a CI timeout stops the background run too (its fixtures stop their clusters).
-trap 'kill -INT "$integration_pid" 2>/dev/null || true; wait "$integration_pid" 2>/dev/null || true; rm -rf "$scratch"' EXIT
+# tests/integration in two streams of about equal length (measured): the files below
+# in the second, every other one (a new file too) in the first; the two longest
+# (elastic, reliability_ray) are in different streams.
+second=" test_reliability_ray.py test_job_submit.py test_evaluator_ray.py test_local_run.py test_ray_run.py "
+streams=("" "")
+for file in tests/integration/test_*.py; do
+  if [[ "$second" == *" ${file##*/} "* ]]; then streams[1]+="$file "; else streams[0]+="$file "; fi
+done
+pids=()
+for s in 0 1; do
+  # --basetemp: each run its own tmp_path root, so none prunes another's.
+  # shellcheck disable=SC2086  # the file list is meant to split into words
+  python -m pytest -q -ra --durations=8 -p no:cacheprovider --basetemp="$scratch/integration$s" \
+    ${streams[s]} >"$scratch/integration$s.log" 2>&1 &
+  pids+=("$!")
+done
+# Ctrl-C or a CI timeout stops the background runs too (their fixtures stop their clusters).
+trap 'kill -INT "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$scratch"' EXIT
 
-unit=0
-python -m pytest -q -ra --durations=10 --basetemp="$scratch/unit" --ignore=tests/integration || unit=$?
-integration=0
-wait "$integration_pid" || integration=$?
-echo
-echo "==================== tests/integration (ran beside the unit tests) ===================="
-cat "$scratch/integration.log"
-echo "[test] unit tests: exit $unit; integration tests: exit $integration"
-exit $(( unit > integration ? unit : integration ))
+worst=0
+python -m pytest -q -ra --durations=10 --basetemp="$scratch/unit" --ignore=tests/integration || worst=$?
+for s in 0 1; do
+  code=0
+  wait "${pids[s]}" || code=$?
+  echo
+  echo "==================== integration stream $((s + 1)) of 2 (ran beside the unit tests): ${streams[s]}"
+  cat "$scratch/integration$s.log"
+  echo "[test] integration stream $((s + 1)): exit $code"
+  worst=$(( code > worst ? code : worst ))
+done
+echo "[test] unit and integration tests: exit $worst"
+exit "$worst"

@@ -8,6 +8,7 @@ tests/integration/."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -108,8 +109,10 @@ def test_a_resumed_run_continues_its_wandb_run(prepared: Path, tmp_path: Path) -
     Trainer(_cfg(prepared, run_dir, "train.max_steps=3", *common), run_dir, Session(run_dir)).fit()
     Trainer(_cfg(prepared, run_dir, "train.max_steps=6", *common), run_dir, Session(run_dir)).fit()
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[-1] for p in runs}) == 1, runs  # one run id
-    assert load_checkpoint(run_dir / "checkpoint_00000006").meta["wandb_run_id"] == runs[0].name.rsplit("-", 1)[-1]
+    # offline-run-<date>_<time>-<id>, with "-1" appended by wandb when both runs start in the same second
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)", p.name).group(1) for p in runs}
+    assert len(runs) == 2 and len(ids) == 1, runs  # one run id
+    assert load_checkpoint(run_dir / "checkpoint_00000006").meta["wandb_run_id"] == ids.pop()
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])

@@ -41,6 +41,9 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+NODE_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
 def test_local_run_console_loopback_and_address(tiny_overrides: list[str], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"}}
     env["WANDB_MODE"] = "offline"
@@ -62,8 +65,12 @@ def test_local_run_console_loopback_and_address(tiny_overrides: list[str], tmp_p
                     sockets.add((pid, address, port))
                     names.setdefault(pid, _cmdline(pid)[:80])
                 for pid in tree:
-                    if _cmdline(pid).startswith("ray::"):  # a Ray worker: an actor or a task of the run
+                    command = _cmdline(pid)
+                    # A Ray worker: an actor or a task of the run. Not the node's own agents
+                    # (dashboard, runtime env), which the raylet starts before any job exists.
+                    if command.startswith("ray::") and not command.startswith(NODE_AGENTS):
                         addresses[pid] = _environ(pid).get("RAY_ADDRESS", "")
+                        names.setdefault(pid, command[:80])
                 peak_pss = max(peak_pss, tree_memory(tree)["pss"])
                 time.sleep(0.5)
         finally:
@@ -100,4 +107,5 @@ def test_local_run_console_loopback_and_address(tiny_overrides: list[str], tmp_p
 
     # Every Ray worker process of the run was told its own cluster's address.
     assert addresses, "no Ray worker process seen"
-    assert len(set(addresses.values())) == 1 and next(iter(addresses.values())).startswith("127.0.0.1:"), addresses
+    assert len(set(addresses.values())) == 1 and next(iter(addresses.values())).startswith("127.0.0.1:"), \
+        {pid: (names.get(pid), address) for pid, address in addresses.items()}
