@@ -118,7 +118,8 @@ def start_or_join(cfg: "Config", run_dir: Path) -> RayHandle:
     restore.append(_route_driver_logs(log_path, cfg.logging.ray))
     address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
     try:
-        handle = _join(address, log_path) if address else start_local(log_path)
+        run_env = run_env_vars(cfg)
+        handle = _join(address, log_path, run_env) if address else start_local(log_path, env_vars=run_env)
     except BaseException:
         for undo in reversed(restore):
             undo()
@@ -132,16 +133,23 @@ def start_or_join(cfg: "Config", run_dir: Path) -> RayHandle:
     return handle
 
 
-def _join(address: str, log_path: Path) -> RayHandle:
+def run_env_vars(cfg: "Config") -> dict[str, str]:
+    """Environment every process of the run gets (its runtime_env): the Ray Train settings
+    the config chooses, read by the controller actor, which this driver does not run."""
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{cfg.train.worker_start_timeout_s:g}"}
+
+
+def _join(address: str, log_path: Path, run_env: Optional[dict[str, str]] = None) -> RayHandle:
     import ray
     from ray._private.services import canonicalize_bootstrap_address_or_die
 
-    env_vars: dict[str, str] = {}
+    # A job's own runtime_env may set a variable already; Ray refuses the same key twice.
+    job_env = _job_env_vars()
+    env_vars = {name: value for name, value in (run_env or {}).items() if name not in job_env}
     gcs = address
     if not address.startswith("ray://"):
         gcs = canonicalize_bootstrap_address_or_die(address)
-        # A job's own runtime_env may set it already; Ray refuses the same key twice.
-        if "RAY_ADDRESS" not in _job_env_vars():
+        if "RAY_ADDRESS" not in job_env:
             env_vars["RAY_ADDRESS"] = gcs
     ray.init(address=address, namespace=NAMESPACE, runtime_env={"env_vars": env_vars} if env_vars else None)
     previous = os.environ.get("RAY_ADDRESS")
@@ -156,11 +164,13 @@ def _set_env(name: str, value: Optional[str]) -> None:
         os.environ[name] = value
 
 
-def start_local(log_path: Optional[Path] = None, attempts: int = 3) -> RayHandle:
+def start_local(log_path: Optional[Path] = None, attempts: int = 3,
+                env_vars: Optional[dict[str, str]] = None) -> RayHandle:
     """A new Ray cluster of this machine only, for a run, a benchmark or a test: every
     Ray process on 127.0.0.1, the GCS on a port chosen here so that the run's processes
     are told it (RAY_ADDRESS) before they start, no prestarted idle workers, a small
-    object store. ``handle.stop()`` ends it."""
+    object store. ``env_vars``: more variables for every process of the run (its
+    runtime_env, as ``run_env_vars``). ``handle.stop()`` ends it."""
     import ray
     from ray._private import ray_constants
 
@@ -188,9 +198,13 @@ def start_local(log_path: Optional[Path] = None, attempts: int = 3) -> RayHandle
                 # cleaner asks; without it the controller repeats warnings. Loopback only.
                 include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                # Idle workers prestarted for tasks a run never sends (one per CPU).
-                _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
-                runtime_env={"env_vars": {"RAY_ADDRESS": gcs}},
+                # Idle workers prestarted for tasks a run never sends (one per CPU): off.
+                # Idle workers kept 2 min instead of Ray's 1 s: the validation hook's task
+                # (one per checkpoint) then reuses its process instead of starting Python
+                # and Ray again each time, which took ~4 s of a checkpoint's score lag.
+                _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False,
+                                "idle_worker_killing_time_threshold_ms": 120_000},
+                runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": gcs}},
             )
         except (ConnectionError, RuntimeError) as err:  # the port was taken meanwhile
             error = err

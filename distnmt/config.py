@@ -157,6 +157,10 @@ class TrainConfig:
     # An int: that many workers, always. [min, max]: elastic (see min_workers).
     workers: Union[int, list[int]] = 2
     elastic_resize_interval_s: float = 60.0
+    # How long Ray Train waits for a (re)started worker group's resources before it
+    # decides again (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default 60 s). After a
+    # lost node an elastic run first asks for the old size; this bounds that wait.
+    worker_start_timeout_s: float = 60.0
     preemption_check_every: int = 10
     use_gpu: bool = False
     cpus_per_worker: float = 0.9
@@ -500,6 +504,7 @@ def validate(cfg: Config, where: _Where = _Where()) -> None:
     checks: list[tuple[bool, str, str]] = [
         (_workers_ok(cfg.train.workers), "train.workers", "must be a number of workers >= 1, 0 (Ray Train's local mode: one process, no cluster), or [min, max] with 1 <= min <= max"),
         (cfg.train.elastic_resize_interval_s >= 0, "train.elastic_resize_interval_s", "must be >= 0"),
+        (cfg.train.worker_start_timeout_s > 0, "train.worker_start_timeout_s", "must be > 0 seconds"),
         (cfg.train.preemption_check_every >= 1, "train.preemption_check_every", "must be at least 1"),
         (cfg.train.threads_per_worker >= 1, "train.threads_per_worker", "must be at least 1"),
         (cfg.train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive"),

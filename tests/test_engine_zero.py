@@ -47,6 +47,11 @@ def _worker(rank: int, world: int, port: int, stage: int, tmp: str) -> None:
         engine = build_engine(cfg, build_model(cfg.model, VOCAB, VOCAB), torch.device("cpu"))
         for _ in range(2):
             engine.train_step([BATCHES[rank % 2]])
+        # DeepSpeed's shared-memory kernel was never compiled (engine.import_deepspeed): its
+        # collectives went through gloo. Its build would take ~45 s per fresh venv.
+        from deepspeed.comm import comm as ds_comm
+
+        assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
         weights = engine.state_for_checkpoint()["model"]  # every rank: a collective
         if rank == 0:
             # The module's own tensors (not state_dict(): under ZeRO-3 that is a collective).

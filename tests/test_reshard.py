@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distnmt.train.engine import import_deepspeed
 from distnmt.train.reshard import UNIVERSAL_DIR, remove_universal, universal_for
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ def _port() -> int:
 
 
 def _engine(stage: int, world: int, universal: Path | None):
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5))

@@ -307,12 +307,34 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     return ds
 
 
+# DeepSpeed's name for its shared-memory collective kernel (op_builder/cpu/comm.py).
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def import_deepspeed():
+    """``deepspeed``, imported late (importing it probes accelerators and takes seconds),
+    with its shared-memory collective kernel switched off before any engine exists.
+
+    On a CPU accelerator DeepSpeed compiles that kernel with g++ the first time a process
+    group starts (about 45 s on 2 cores, again for every new virtual environment) and uses
+    it only in ``inference_all_reduce``; training's collectives go through
+    torch.distributed (gloo here, NCCL on GPUs) either way. ``deepspeed.ops`` keeps its
+    compatibility table as one module-level dict so that edits to it persist: marking the
+    kernel incompatible makes ``build_shm_op`` return None without compiling.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    return deepspeed
+
+
 class DeepSpeedEngine(Engine):
     """deepspeed.initialize on Ray's process group; ZeRO 0-3, bf16 or fp16 from the JSON + YAML."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device,
                  universal: Optional[Path] = None) -> None:
-        import deepspeed  # late: importing it probes accelerators and takes seconds
+        deepspeed = import_deepspeed()
 
         self.cfg = cfg
         self.device = device

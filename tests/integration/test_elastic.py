@@ -37,6 +37,9 @@ CHECKPOINT_EVERY = 25
 # loaded 2-core machine, at ~10 tiny steps/s), or the run ends before it regrows.
 MAX_STEPS = 400
 GRACE_S = 6  # the preemption deadline: the notice comes at once (checked every step)
+# After the node goes, Ray Train first asks again for 2 workers and waits this long for
+# their resources before it settles for 1 (Ray's default, 60 s, is most of this test).
+START_TIMEOUT_S = 8
 
 
 def _wait(what: str, done: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
@@ -100,7 +103,7 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
         "train.workers=[1, 2]", "train.cpus_per_worker=0.8", "eval.num_cpus=0.2",
         f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=2",
         "train.max_failures=4", "train.log_batches=true", "train.preemption_check_every=1",
-        "train.elastic_resize_interval_s=3", "eval.beam_size=1", "eval.max_sentences=3",
+        "train.elastic_resize_interval_s=3", f"train.worker_start_timeout_s={START_TIMEOUT_S}", "eval.beam_size=1", "eval.max_sentences=3",
         "eval.test_at_end=false", "eval.figures=false", "logging.log_every=2",
     ]
     log = tmp_path / "train.log"
@@ -155,6 +158,10 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
     resumed = [int(x) for x in re.findall(r"resumed from checkpoint_(\d+) at step", output)]
     assert resumed and resumed[0] >= jit  # the restart lost nothing before the notice
     assert "world size 2 -> 1" in output and "world size 1 -> 2" in output
+    # The run's train.worker_start_timeout_s reached Ray Train's controller (an actor the
+    # driver does not run) through the run's runtime_env.
+    waited = re.findall(r"worker group startup timed out after ([\d.]+) seconds", output)
+    assert all(float(s) == START_TIMEOUT_S for s in waited), waited
     assert "accumulating 2 micro-batch(es) per rank per step = 1200 tokens per step, the configured" in output
     # ZeRO-1's partitioned Adam state went 2 -> 1 and 1 -> 2 ranks through universal checkpoints.
     assert re.search(r"ZeRO-1 state of 2 rank\(s\) converted to a universal checkpoint for 1 rank\(s\)", output)
