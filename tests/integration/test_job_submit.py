@@ -118,48 +118,6 @@ def head() -> Iterator[Head]:
         assert left == [], f"processes of the test's Ray cluster still alive: {left}"
 
 
-def test_submit_quickstart(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
-    state, env = head.state, head.env
-    secret = "dnt-" + secrets.token_hex(12)
-    env = {**env, "DISTNMT_TEST_SECRET": secret}
-    storage = tmp_path / "runs"
-    started = time.time()
-    submit = _run(
-        [str(LAUNCH / "submit.sh"), "--env", "DISTNMT_TEST_SECRET", "--id", "dnt-job-1", "configs/quickstart.yaml",
-         *_sets(TINY + ["train.max_steps=30", "train.checkpoint_every=15",
-                        f"data.prepared_dir={tiny_prepared}", f"train.storage_path={storage}", "train.name=job"])],
-        env, 240,
-    )
-    output = submit.stdout + submit.stderr
-    assert submit.returncode == 0, output[-4000:]
-    assert "Job 'dnt-job-1' succeeded" in output
-    assert "newstest2013 checkpoint_00000030: BLEU|nrefs:1|" in output  # the driver's closing line
-    print(f"submit to success: {time.time() - started:.1f} s")
-
-    # Checkpoints and the evaluator's scores, in the run directory the job was told.
-    run_dir = storage / "job"
-    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert checkpoints == ["checkpoint_00000015", "checkpoint_00000030"]
-    scores = [json.loads(line) for line in (run_dir / "eval" / "dev.jsonl").read_text().splitlines()]
-    assert sorted(r["checkpoint"] for r in scores) == checkpoints
-    assert all(0.0 <= r["bleu"] <= 100.0 for r in scores)
-
-    # What was uploaded: the code, without .git, .venv or data; distnmt/data/ kept.
-    packages = list((state / "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
-    assert packages, "no working_dir package found on the head"
-    uploaded = packages[0]
-    assert (uploaded / "distnmt" / "data").is_dir() and (uploaded / "configs" / "quickstart.yaml").is_file()
-    for left_out in (".git", ".venv", "data", "prepared", "runs", "bench-results"):
-        assert not (uploaded / left_out).exists(), left_out
-
-    # The secret reached the job's runtime_env, and no file of the cluster holds it.
-    passed = head.job("c.get_job_info(job).runtime_env['env_vars'].get('DISTNMT_TEST_SECRET')", "dnt-job-1")
-    assert passed == secret
-    leaks = subprocess.run(["grep", "-rl", secret, str(state), str(storage)], capture_output=True, text=True)
-    assert leaks.stdout == "", f"secret written to disk: {leaks.stdout}"
-
-
-
 def test_stop_a_running_job(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
     submit = _run(
         [str(LAUNCH / "submit.sh"), "--no-wait", "--id", "dnt-job-2", "configs/quickstart.yaml",
@@ -221,31 +179,71 @@ def test_cluster_job_entrypoint_prepares_to_shared_storage_then_trains(head: Hea
     assert "checkpoint_00000020: BLEU|" in logs.stdout and "SUCCEEDED" in logs.stderr
 
 
-def test_a_job_and_a_local_run_side_by_side(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
-    """Two clusters on one machine: a job on the head and a local `distnmt train` beside it.
-    Each run's processes know their own cluster's address, so Ray Train's placement-group
-    cleaner (which asks the state API) finds it: no traceback, no "multiple active Ray
-    instances", and every placement group of the job's cluster is released."""
-    small = TINY + ["train.workers=1", "train.max_steps=10", "train.checkpoint_every=10",
-                    f"data.prepared_dir={tiny_prepared}"]
-    submit = _run([str(LAUNCH / "submit.sh"), "--no-wait", "--id", "dnt-job-4", "configs/quickstart.yaml",
-                   *_sets(small + [f"train.storage_path={tmp_path / 'job'}", "train.name=job"])], head.env, 120)
-    assert submit.returncode == 0, submit.stderr[-2000:]
-    local_env = {k: v for k, v in head.env.items() if k not in {"DISTNMT_RAY_STATE"}}
-    local = _run([PYTHON, "-m", "distnmt.cli", "train", "--config", "configs/quickstart.yaml",
-                  *_sets(small + [f"train.storage_path={tmp_path / 'local'}", "train.name=local"])], local_env, 300)
+def test_submit_quickstart_beside_a_local_run(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
+    """The quickstart config sent with launch/submit.sh (which follows the job to its end)
+    while a local `distnmt train` runs beside it: two clusters on one machine, in one
+    test because each Ray run costs the suite tens of seconds of start-up.
+
+    The job: its checkpoints and evaluator scores in the run directory it was told, the
+    code uploaded without .git/.venv/data, a secret passed through without touching
+    disk. Both runs: each run's processes know their own cluster's address, so Ray
+    Train's placement-group cleaner (which asks the state API) finds it: no traceback,
+    no "multiple active Ray instances", and every placement group of the job's cluster
+    is released."""
+    state = head.state
+    secret = "dnt-" + secrets.token_hex(12)
+    env = {**head.env, "DISTNMT_TEST_SECRET": secret}
+    storage = tmp_path / "runs"
+    job_args = [str(LAUNCH / "submit.sh"), "--env", "DISTNMT_TEST_SECRET", "--id", "dnt-job-1", "configs/quickstart.yaml",
+                *_sets(TINY + ["train.max_steps=30", "train.checkpoint_every=15",
+                               f"data.prepared_dir={tiny_prepared}", f"train.storage_path={storage}", "train.name=job"])]
+    job_log = tmp_path / "submit.log"
+    with open(job_log, "w") as out:
+        submit = subprocess.Popen(job_args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        local_env = {k: v for k, v in head.env.items() if k not in {"DISTNMT_RAY_STATE"}}
+        local = _run([PYTHON, "-m", "distnmt.cli", "train", "--config", "configs/quickstart.yaml",
+                      *_sets(TINY + ["train.workers=1", "train.max_steps=10", "train.checkpoint_every=10",
+                                     f"data.prepared_dir={tiny_prepared}", f"train.storage_path={tmp_path / 'local'}",
+                                     "train.name=local"])], local_env, 300)
+        submit.wait(timeout=300)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+            submit.wait()
     local_out = local.stdout + local.stderr
     assert local.returncode == 0, local_out[-4000:]
-    deadline = time.time() + 240
-    while head.job("c.get_job_status(job).value", "dnt-job-4") not in {"SUCCEEDED", "FAILED", "STOPPED"}:
-        assert time.time() < deadline, "the job did not end"
-        time.sleep(2)
-    job_out = head.job("c.get_job_logs(job)", "dnt-job-4")
-    assert head.job("c.get_job_status(job).value", "dnt-job-4") == "SUCCEEDED", job_out[-4000:]
-    for name, text in (("job", job_out), ("local run", local_out)):
+    output = job_log.read_text(errors="replace")
+    assert submit.returncode == 0, output[-4000:]
+    assert "Job 'dnt-job-1' succeeded" in output
+    assert "newstest2013 checkpoint_00000030: BLEU|nrefs:1|" in output  # the driver's closing line, followed
+    for name, text in (("job", output), ("local run", local_out)):
         assert "multiple active Ray instances" not in text, f"{name}: {text[-4000:]}"
         assert "Traceback" not in text, f"{name}: {text[-4000:]}"
-        assert "checkpoint_00000010: BLEU|" in text, f"{name}: {text[-4000:]}"
+    assert "checkpoint_00000010: BLEU|" in local_out, local_out[-4000:]
+
+    # Checkpoints and the evaluator's scores, in the run directory the job was told.
+    run_dir = storage / "job"
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints == ["checkpoint_00000015", "checkpoint_00000030"]
+    scores = [json.loads(line) for line in (run_dir / "eval" / "dev.jsonl").read_text().splitlines()]
+    assert sorted(r["checkpoint"] for r in scores) == checkpoints
+    assert all(0.0 <= r["bleu"] <= 100.0 for r in scores)
+
+    # What was uploaded: the code, without .git, .venv or data; distnmt/data/ kept.
+    packages = list((state / "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
+    assert packages, "no working_dir package found on the head"
+    uploaded = packages[0]
+    assert (uploaded / "distnmt" / "data").is_dir() and (uploaded / "configs" / "quickstart.yaml").is_file()
+    for left_out in (".git", ".venv", "data", "prepared", "runs", "bench-results"):
+        assert not (uploaded / left_out).exists(), left_out
+
+    # The secret reached the job's runtime_env, and no file of the cluster holds it.
+    passed = head.job("c.get_job_info(job).runtime_env['env_vars'].get('DISTNMT_TEST_SECRET')", "dnt-job-1")
+    assert passed == secret
+    leaks = subprocess.run(["grep", "-rl", secret, str(state), str(storage)], capture_output=True, text=True)
+    assert leaks.stdout == "", f"secret written to disk: {leaks.stdout}"
+
     # The state API of the job's cluster, asked from outside: no placement group left.
     code = ("from ray.util.state import list_placement_groups; "
             "print(sorted({str(g.state) for g in list_placement_groups(detail=True)}))")
