@@ -72,7 +72,9 @@ def test_local_run_console_loopback_and_address(tiny_overrides: list[str], tmp_p
                 tree = process_tree(proc.pid)
                 for pid, address, port in listening_sockets(tree):
                     sockets.add((pid, address, port))
-                    names.setdefault(pid, _cmdline(pid)[:80])
+                    # The latest command line: a Ray worker starts as ray::IDLE and is
+                    # renamed when it becomes an actor (a training worker, the evaluator).
+                    names[pid] = _cmdline(pid)[:80] or names.get(pid, "")
                 for pid in tree:
                     command = _cmdline(pid)
                     # A Ray worker: an actor or a task of the run. Not the node's own agents
@@ -114,10 +116,13 @@ def test_local_run_console_loopback_and_address(tiny_overrides: list[str], tmp_p
     assert len({port for _, _, port in sockets}) >= 3, sockets  # the run's Ray processes were seen
     outside = sorted((pid, names.get(pid, "").strip(), address, port) for pid, address, port in sockets
                      if not is_loopback(address))
-    # Known exception (docs/RELIABILITY.md, known limits): one idle pool worker
-    # (ray::IDLE) was seen listening on "::" once; every daemon and every actor of the run
-    # (GCS, raylet, dashboard, agents, controller, workers, evaluator) is on loopback.
-    assert [o for o in outside if o[1] != "ray::IDLE"] == [], outside
+    # Known exception (docs/RELIABILITY.md, known limits): rank 0's torch.distributed
+    # TCPStore, the process group's rendezvous server that Ray Train creates, binds "::"
+    # whatever MASTER_ADDR says (torch 2.13). One such socket, in one training worker;
+    # every Ray daemon and actor (GCS, raylet, dashboard, agents, controller, workers'
+    # Ray ports, evaluator) is on loopback.
+    stores = [o for o in outside if o[1].startswith("ray::RayTrainWorker") and o[2] in ("::", "0.0.0.0")]
+    assert [o for o in outside if o not in stores] == [] and len(stores) <= 1, outside
 
     # Every Ray worker process of the run was told its own cluster's address.
     assert addresses, "no Ray worker process seen"
