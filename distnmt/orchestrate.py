@@ -44,6 +44,7 @@ from distnmt.checkpoint import (
     nonfinite_path,
     read_meta,
 )
+from distnmt.cluster import start_or_join
 from distnmt.config import Config, ConfigError
 from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.evaluator import Evaluator
@@ -173,8 +174,6 @@ def run_training(cfg: Config) -> list[ScoreRecord]:
         return run_local(cfg, run_dir)
     started = time.time()
     # Joins the given cluster or starts a local loopback one; routes Ray's log lines.
-    from distnmt.cluster import start_or_join
-
     ray_handle = start_or_join(cfg, run_dir) if not ray.is_initialized() else None
     # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
     previous_handler = _stop_on_sigterm()

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared by the launch/ scripts (sourced, never run). Bash, with set -euo pipefail
 # already on in the caller. The cluster scripts are thin wrappers of
-# `distnmt cluster ...` (distnmt/cluster.py), run with this checkout's code.
+# `distnmt cluster ...` (distnmt/cluster/commands.py), run with this checkout's code.
 
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$LAUNCH_DIR/.." && pwd)

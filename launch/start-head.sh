@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a local Ray head node for `ray job submit`, on free ports, token auth,
-# dashboard on 127.0.0.1: `distnmt cluster start --help` (distnmt/cluster.py).
+# dashboard on 127.0.0.1: `distnmt cluster start --help` (distnmt/cluster/commands.py).
 #
 #   launch/start-head.sh [--num-cpus N] [--num-gpus N] [--dashboard-host HOST] [-- EXTRA RAY START ARGS]
 set -euo pipefail

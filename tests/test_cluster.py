@@ -1,4 +1,4 @@
-"""distnmt/cluster.py without Ray: the console's line filter, process-tree memory
+"""distnmt/cluster/ without Ray: the console's line filter, process-tree memory
 (PSS against summed RSS), listening sockets from /proc, and the run's address
 (the runs themselves are in tests/integration/test_local_run.py and test_job_submit.py)."""
 
@@ -13,13 +13,13 @@ import time
 import pytest
 
 from distnmt.cluster import (
-    _decode_address,
     is_loopback,
     is_ray_info,
     listening_sockets,
     process_tree,
     tree_memory,
 )
+from distnmt.cluster.procs import _decode_address
 
 
 @pytest.mark.parametrize("line", [
@@ -112,7 +112,7 @@ def test_forwarded_lines_go_to_the_file_and_only_some_to_the_console(level: str,
     the undo puts Ray's printer back."""
     from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
 
-    from distnmt.cluster import _route_worker_logs
+    from distnmt.cluster.logs import _route_worker_logs
 
     printed: list[str] = []
 
@@ -153,7 +153,7 @@ def test_this_process_ray_logger_info_to_the_file_warnings_to_the_console(tmp_pa
 
     import ray  # noqa: F401  (configures the "ray" logger's console handler)
 
-    from distnmt.cluster import _log_files, _route_driver_logs
+    from distnmt.cluster.logs import _log_files, _route_driver_logs
 
     log = tmp_path / "ray.log"
     logger = logging.getLogger("ray")

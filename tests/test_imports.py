@@ -1,7 +1,7 @@
 """The package's layers, checked from the source (ast), so a wrong import fails here
 and not in a review: imports run one way along the flow
 
-    data -> model -> train -> evaluate -> orchestration (orchestrate.py, cluster.py, bench/) -> cli
+    data -> model -> train -> evaluate -> orchestration (orchestrate.py, cluster/, bench/) -> cli
 
 with config.py, io.py and checkpoint.py at the bottom, usable by all; evaluate/
 never imports train/ (the orchestration starts both); nothing under model/ imports

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from distnmt.model.rnnsearch import GRU_VARIANTS, INIT_SCHEMES, EncoderOutput, PaperGRUCell, RNNSearch, _additive_scores
+from distnmt.model.rnnsearch import EncoderOutput, PaperGRUCell, RNNSearch, _additive_scores
 
 __all__ = ["RNNEncDec"]
 
@@ -58,42 +58,17 @@ class RNNEncDec(RNNSearch):
         tie_embeddings: bool = False,
     ) -> None:
         nn.Module.__init__(self)  # RNNSearch's __init__ builds a bidirectional encoder and attention
-        if gru not in GRU_VARIANTS:
-            raise ValueError(f"model.gru must be one of {GRU_VARIANTS}, got {gru!r}")
-        if init not in INIT_SCHEMES:
-            raise ValueError(f"model.init must be one of {INIT_SCHEMES}, got {init!r}")
-        self.src_vocab_size = src_vocab_size
-        self.tgt_vocab_size = tgt_vocab_size
-        self.embed_size = embed_size
-        self.hidden_size = hidden_size
-        self.align_size = align_size
-        self.maxout_size = maxout_size
-        self.attention = False
-        self.gru = gru
-        self.pad_id = pad_id
-        self.tie_embeddings = tie_embeddings
         ctx_size = hidden_size  # c = tanh(V h_T)
-
-        self.src_embed = nn.Embedding(src_vocab_size, embed_size, padding_idx=pad_id)
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_size, padding_idx=pad_id)
-        self.dropout = nn.Dropout(dropout)
+        self._set_hyperparameters(src_vocab_size, tgt_vocab_size, embed_size, hidden_size, align_size, maxout_size,
+                                  False, gru, pad_id, init, tie_embeddings)
+        self._build_embeddings(dropout)
         if gru == "cudnn":
             self.encoder: nn.Module = nn.GRU(embed_size, hidden_size, batch_first=True)
         else:
             self.encoder = PaperGRUCell(embed_size, hidden_size)
         self.summary_proj = nn.Linear(hidden_size, ctx_size)  # V: c = tanh(V h_T)
         self.init_proj = nn.Linear(ctx_size, hidden_size)  # V': s_0 = tanh(V' c)
-        if gru == "cudnn":
-            self.cell: nn.Module = nn.GRUCell(embed_size + ctx_size, hidden_size)
-        else:
-            self.cell = PaperGRUCell(embed_size + ctx_size, hidden_size)
-        self.pre_output = nn.Linear(hidden_size + embed_size + ctx_size, 2 * maxout_size)  # [U_o, V_o, C_o]
-        self.output_proj: nn.Linear | None = None
-        if tie_embeddings and maxout_size != embed_size:
-            self.output_proj = nn.Linear(maxout_size, embed_size, bias=False)
-        self.output = nn.Linear(embed_size if tie_embeddings else maxout_size, tgt_vocab_size)
-        if tie_embeddings:
-            self.output.weight = self.tgt_embed.weight
+        self._build_decoder(ctx_size)  # RNNsearch's cell and deep output, over [E y; c]
         self._scores = _additive_scores  # never called: no alignment model
         if init == "paper":
             self._init_paper()
@@ -125,11 +100,7 @@ class RNNEncDec(RNNSearch):
         its shape); ``keys`` is None: nothing attends.
         """
         B, S = src.shape
-        lengths_cpu = src_lengths.detach().to("cpu", torch.int64)
-        if lengths_cpu.numel() != B:
-            raise ValueError(f"src_lengths has {lengths_cpu.numel()} entries for a batch of {B}")
-        if B and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > S):
-            raise ValueError(f"source lengths must lie in [1, {S}], got {lengths_cpu.tolist()}")
+        lengths_cpu = self._host_lengths(src, src_lengths)
         emb = self.dropout(self.src_embed(src))
         mask = torch.arange(S, device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
         dtype = self.init_proj.weight.dtype

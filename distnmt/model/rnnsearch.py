@@ -221,6 +221,40 @@ class RNNSearch(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        ctx_size = 2 * hidden_size  # an annotation, or the encdec fixed context
+        self._set_hyperparameters(src_vocab_size, tgt_vocab_size, embed_size, hidden_size, align_size, maxout_size,
+                                  attention, gru, pad_id, init, tie_embeddings)
+        self._build_embeddings(dropout)
+        if gru == "cudnn":
+            self.encoder: nn.Module = nn.GRU(embed_size, hidden_size, batch_first=True, bidirectional=True)
+        else:
+            self.encoder = PaperBiGRU(embed_size, hidden_size)
+        self.init_proj = nn.Linear(hidden_size, hidden_size)  # W_s
+
+        if attention:
+            self.query_proj = nn.Linear(hidden_size, align_size, bias=False)  # W_a
+            self.key_proj = nn.Linear(ctx_size, align_size)  # U_a (its bias is b_a)
+            self.energy = nn.Linear(align_size, 1, bias=False)  # v_a
+
+        self._build_decoder(ctx_size)
+        # The alignment scores through torch.compile (one fused add-tanh-dot kernel), or
+        # eager. A module-level function, not a bound method: no reference cycle.
+        self._scores: Callable[[Tensor, Tensor, Tensor], Tensor] = _additive_scores
+        if compile and attention:
+            self._scores = torch.compile(_additive_scores_plain, dynamic=True)
+
+        if init == "paper":
+            self._init_paper()
+
+    # ------------------------------------------------------------ the parts
+
+    # RNNEncDec builds with these too (encdec.py), in the same order, so that both models
+    # draw their initial weights alike from one seed.
+
+    def _set_hyperparameters(self, src_vocab_size: int, tgt_vocab_size: int, embed_size: int, hidden_size: int,
+                             align_size: int, maxout_size: int, attention: bool, gru: str, pad_id: int, init: str,
+                             tie_embeddings: bool) -> None:
+        """Check the choices (one-line errors naming the config key) and keep the sizes."""
         if gru not in GRU_VARIANTS:
             raise ValueError(f"model.gru must be one of {GRU_VARIANTS}, got {gru!r}")
         if init not in INIT_SCHEMES:
@@ -235,44 +269,37 @@ class RNNSearch(nn.Module):
         self.gru = gru
         self.pad_id = pad_id
         self.tie_embeddings = tie_embeddings
-        ctx_size = 2 * hidden_size  # an annotation, or the encdec fixed context
 
-        self.src_embed = nn.Embedding(src_vocab_size, embed_size, padding_idx=pad_id)
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_size, padding_idx=pad_id)
+    def _build_embeddings(self, dropout: float) -> None:
+        """The source and target embeddings (E) and the dropout both sides share."""
+        self.src_embed = nn.Embedding(self.src_vocab_size, self.embed_size, padding_idx=self.pad_id)
+        self.tgt_embed = nn.Embedding(self.tgt_vocab_size, self.embed_size, padding_idx=self.pad_id)
         self.dropout = nn.Dropout(dropout)
-        if gru == "cudnn":
-            self.encoder: nn.Module = nn.GRU(embed_size, hidden_size, batch_first=True, bidirectional=True)
-        else:
-            self.encoder = PaperBiGRU(embed_size, hidden_size)
-        self.init_proj = nn.Linear(hidden_size, hidden_size)  # W_s
 
-        if attention:
-            self.query_proj = nn.Linear(hidden_size, align_size, bias=False)  # W_a
-            self.key_proj = nn.Linear(ctx_size, align_size)  # U_a (its bias is b_a)
-            self.energy = nn.Linear(align_size, 1, bias=False)  # v_a
-
-        if gru == "cudnn":
-            self.cell: nn.Module = nn.GRUCell(embed_size + ctx_size, hidden_size)
-        else:
-            self.cell = PaperGRUCell(embed_size + ctx_size, hidden_size)
-
+    def _build_decoder(self, ctx_size: int) -> None:
+        """The decoder's GRU cell over [E y_{i-1}; c_i] and the deep output (appendix A.2.2)."""
+        E, H, M = self.embed_size, self.hidden_size, self.maxout_size
+        self.cell: nn.Module = nn.GRUCell(E + ctx_size, H) if self.gru == "cudnn" else PaperGRUCell(E + ctx_size, H)
         # [U_o, V_o, C_o] as one matrix over [s_{i-1}; E y_{i-1}; c_i]: one matmul for all T.
-        self.pre_output = nn.Linear(hidden_size + embed_size + ctx_size, 2 * maxout_size)
+        self.pre_output = nn.Linear(H + E + ctx_size, 2 * M)
         # W_o. Tied, it is E itself ([V, embed_size]); the projection bridges the sizes.
         self.output_proj: nn.Linear | None = None
-        if tie_embeddings and maxout_size != embed_size:
-            self.output_proj = nn.Linear(maxout_size, embed_size, bias=False)
-        self.output = nn.Linear(embed_size if tie_embeddings else maxout_size, tgt_vocab_size)
-        if tie_embeddings:
+        if self.tie_embeddings and M != E:
+            self.output_proj = nn.Linear(M, E, bias=False)
+        self.output = nn.Linear(E if self.tie_embeddings else M, self.tgt_vocab_size)
+        if self.tie_embeddings:
             self.output.weight = self.tgt_embed.weight
-        # The alignment scores through torch.compile (one fused add-tanh-dot kernel), or
-        # eager. A module-level function, not a bound method: no reference cycle.
-        self._scores: Callable[[Tensor, Tensor, Tensor], Tensor] = _additive_scores
-        if compile and attention:
-            self._scores = torch.compile(_additive_scores_plain, dynamic=True)
 
-        if init == "paper":
-            self._init_paper()
+    @staticmethod
+    def _host_lengths(src: Tensor, src_lengths: Tensor) -> Tensor:
+        """``src_lengths`` on the host as int64, checked against ``src`` [B, S]."""
+        B, S = src.shape
+        lengths_cpu = src_lengths.detach().to("cpu", torch.int64)
+        if lengths_cpu.numel() != B:
+            raise ValueError(f"src_lengths has {lengths_cpu.numel()} entries for a batch of {B}")
+        if B and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > S):
+            raise ValueError(f"source lengths must lie in [1, {S}], got {lengths_cpu.tolist()}")
+        return lengths_cpu
 
     # ------------------------------------------------------------------ init
 
@@ -312,11 +339,7 @@ class RNNSearch(nn.Module):
         padding a batch has.
         """
         B, S = src.shape
-        lengths_cpu = src_lengths.detach().to("cpu", torch.int64)
-        if lengths_cpu.numel() != B:
-            raise ValueError(f"src_lengths has {lengths_cpu.numel()} entries for a batch of {B}")
-        if B and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > S):
-            raise ValueError(f"source lengths must lie in [1, {S}], got {lengths_cpu.tolist()}")
+        lengths_cpu = self._host_lengths(src, src_lengths)
         emb = self.dropout(self.src_embed(src))
         # Lengths on the host (Batch.to keeps them there) reach the device by a queued
         # copy; lengths already there are used as they are.
