@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -179,6 +180,18 @@ def test_cluster_job_entrypoint_prepares_to_shared_storage_then_trains(head: Hea
     assert "checkpoint_00000020: BLEU|" in logs.stdout and "SUCCEEDED" in logs.stderr
 
 
+# Ray Train's autoscaling client logs this with its traceback when a resource request
+# times out on an overloaded CPU, and says it is safe to ignore when transient (its
+# autoscaling_coordinator_client.py); two clusters on 2 cores can overload them. Any
+# other traceback fails the test.
+_OVERLOAD_NOTICE = re.compile(r"Failed to send resource request for train-.*?"
+                              r"GetTimeoutError: Get timed out: some object\(s\) not ready\.", re.S)
+
+
+def _without_overload_notice(text: str) -> str:
+    return _OVERLOAD_NOTICE.sub("", text)
+
+
 def test_submit_quickstart_beside_a_local_run(head: Head, tiny_prepared: Path, tmp_path: Path) -> None:
     """The quickstart config sent with launch/submit.sh (which follows the job to its end)
     while a local `distnmt train` runs beside it: two clusters on one machine, in one
@@ -194,8 +207,9 @@ def test_submit_quickstart_beside_a_local_run(head: Head, tiny_prepared: Path, t
     secret = "dnt-" + secrets.token_hex(12)
     env = {**head.env, "DISTNMT_TEST_SECRET": secret}
     storage = tmp_path / "runs"
+    # One worker in each run: two clusters' workers, evaluators and controllers share 2 cores.
     job_args = [str(LAUNCH / "submit.sh"), "--env", "DISTNMT_TEST_SECRET", "--id", "dnt-job-1", "configs/quickstart.yaml",
-                *_sets(TINY + ["train.max_steps=30", "train.checkpoint_every=15",
+                *_sets(TINY + ["train.workers=1", "train.max_steps=30", "train.checkpoint_every=15",
                                f"data.prepared_dir={tiny_prepared}", f"train.storage_path={storage}", "train.name=job"])]
     job_log = tmp_path / "submit.log"
     with open(job_log, "w") as out:
@@ -219,7 +233,7 @@ def test_submit_quickstart_beside_a_local_run(head: Head, tiny_prepared: Path, t
     assert "newstest2013 checkpoint_00000030: BLEU|nrefs:1|" in output  # the driver's closing line, followed
     for name, text in (("job", output), ("local run", local_out)):
         assert "multiple active Ray instances" not in text, f"{name}: {text[-4000:]}"
-        assert "Traceback" not in text, f"{name}: {text[-4000:]}"
+        assert "Traceback" not in _without_overload_notice(text), f"{name}: {text[-4000:]}"
     assert "checkpoint_00000010: BLEU|" in local_out, local_out[-4000:]
 
     # Checkpoints and the evaluator's scores, in the run directory the job was told.
