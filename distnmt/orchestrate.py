@@ -238,19 +238,21 @@ def preflight(cfg: Config, run_dir: Path, manifest: dict[str, Any]) -> None:
         deepspeed_config(cfg, cfg.train.max_workers)  # ZeRO stage, keys contradicting the YAML
     wants = [(key, wanted) for key, wanted in (("train.use_gpu", cfg.train.use_gpu), ("eval.num_gpus", cfg.eval.num_gpus))
              if wanted]
+    lacking = None
     if wants and ray.is_initialized():
         # Ray already up in this process (a benchmark starts it once for all its runs): ask
         # it, or the run waits for a worker group that can never be placed.
         if not ray.cluster_resources().get("GPU", 0):
-            key, wanted = wants[0]
-            raise ConfigError(f"{key}: {wanted!r} but the Ray cluster this process runs on has no GPU")
+            lacking = "the Ray cluster this process runs on has no GPU"
     elif wants and not (cfg.train.ray_address or os.environ.get("RAY_ADDRESS")):
         # A local run; a joined cluster's GPUs are on its nodes, not necessarily here.
         import torch
 
         if not torch.cuda.is_available():
-            key, wanted = wants[0]
-            raise ConfigError(f"{key}: {wanted!r} but this machine has no GPU (and no Ray address was given to join a cluster that has)")
+            lacking = "this machine has no GPU (and no Ray address was given to join a cluster that has)"
+    if lacking is not None:
+        key, wanted = wants[0]
+        raise ConfigError(f"{key}: {wanted!r} but {lacking}")
     newest = newest_valid_checkpoint(run_dir)  # broken ones are skipped with a warning naming them
     if newest is not None:
         meta = read_meta(newest)
