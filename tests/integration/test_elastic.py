@@ -154,9 +154,13 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
     notice = re.search(r"preemption notice for rank\(s\) \[\d\].*: checkpointing at step (\d+)", output)
     assert notice, "no preemption notice in the log"
     jit = int(notice.group(1))  # the just-in-time checkpoint, whatever checkpoint_every says
-    assert f"path={run_dir}/checkpoint_{jit:08d})" in output  # reported to Ray at once
     resumed = [int(x) for x in re.findall(r"resumed from checkpoint_(\d+) at step", output)]
     assert resumed and resumed[0] >= jit  # the restart lost nothing before the notice
+    # ... and Ray itself handed it back: it was reported at once, so the restart did not
+    # need the trainer's fallback to a newer checkpoint found on disk. (Ray's own
+    # "Staged validations ... path=..." line is informational, and not always printed
+    # before the node goes: it is no evidence either way.)
+    assert f"checkpoint_{jit:08d} on disk is newer" not in output
     assert "world size 2 -> 1" in output and "world size 1 -> 2" in output
     # The run's train.worker_start_timeout_s reached Ray Train's controller (an actor the
     # driver does not run) through the run's runtime_env.
