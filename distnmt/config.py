@@ -126,7 +126,9 @@ class ModelConfig:
     dropout: float = 0.0
     init: Literal["paper", "torch"] = "paper"
     tie_embeddings: bool = False  # output layer shares the target embedding (not in the paper)
-    compile: bool = False  # torch.compile the alignment scores (fused add-tanh-dot; needs a C++ compiler)
+    # torch.compile: false (eager), true or "scores" (the alignment scores), "step" (the
+    # training recurrence step); needs a C++ compiler. See docs/MODEL.md.
+    compile: Union[bool, Literal["scores", "step"]] = False
 
 
 @dataclass

@@ -48,3 +48,53 @@ def test_compiled_scores_match_eager_in_training_and_decoding() -> None:
     torch.testing.assert_close(bf16[True], bf16[False], atol=0.05, rtol=0.05)
     hyps = {c: beam_search(m.eval(), src, src_len, BOS, EOS, beam_size=3, max_len_b=4) for c, m in models.items()}
     assert hyps[True] == hyps[False]
+
+
+def test_compiled_recurrence_step_matches_eager_in_training() -> None:
+    """``model.compile: step``: the whole training recurrence step (attention + GRU cell)
+    as one graph (fullgraph=True: a graph break is an error, not a silent eager fallback),
+    with the eager model's logits and gradients: the cuDNN-style cell over a second batch
+    shape (a recompile, after which torch marks the dims dynamic) and in bf16; the paper
+    cell (its own graph) on one shape. Each compile costs seconds, so no more of them."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(3, V, (3, 6), generator=g)
+    tgt = torch.randint(3, V, (3, 5), generator=g)
+    first = (src, torch.tensor([6, 2, 4]), tgt)
+    second = (src[:2, :4], torch.tensor([4, 2]), tgt[:2, :3])
+    for gru, batches in (("cudnn", (first, second)), ("paper", (first,))):
+        models = {}
+        for mode in (False, "step"):
+            torch.manual_seed(0)
+            models[mode] = RNNSearch(V, V, **TINY, init="torch", gru=gru, compile=mode)
+        torch._dynamo.utils.counters.clear()
+        for batch in batches:
+            logits = {c: m(*batch) for c, m in models.items()}
+            torch.testing.assert_close(logits["step"], logits[False], atol=1e-5, rtol=1e-5)
+            for m in models.values():
+                m.zero_grad()
+            for c in models:
+                logits[c].logsumexp(-1).sum().backward()
+            compiled = dict(models["step"].named_parameters())
+            for name, p in models[False].named_parameters():
+                torch.testing.assert_close(compiled[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=f"{gru}: {name}")
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+        if gru == "cudnn":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16 = {c: m(*first) for c, m in models.items()}
+            torch.testing.assert_close(bf16["step"], bf16[False], atol=0.05, rtol=0.05)
+
+
+def test_compile_mode_names_the_key() -> None:
+    from distnmt.model.rnnsearch import compile_mode
+
+    assert [compile_mode(v) for v in (False, True, "scores", "step")] == [None, "scores", "scores", "step"]
+    with pytest.raises(ValueError, match="model.compile must be"):
+        compile_mode("graph")
+    from distnmt.config import ConfigError, load_config
+
+    assert load_config(overrides=["model.compile=step"]).model.compile == "step"
+    assert load_config(overrides=["model.compile=true"]).model.compile is True
+    with pytest.raises(ConfigError, match="model.compile"):
+        load_config(overrides=["model.compile=graph"])

@@ -163,11 +163,11 @@ class TrainCase:
     threads: int
     precision: str
     gru: str
-    compiled: bool = False
+    compiled: bool | str = False  # model.compile: False, "scores" or "step"
 
     @property
     def name(self) -> str:
-        return f"{self.gru}-{self.precision}-t{self.threads}" + ("-compile" if self.compiled else "")
+        return f"{self.gru}-{self.precision}-t{self.threads}" + (f"-compile-{self.compiled}" if self.compiled else "")
 
 
 def _train_once(case: TrainCase, cfg: Config, model_cfg: ModelConfig, data: BenchData) -> dict[str, Any]:
@@ -178,7 +178,10 @@ def _train_once(case: TrainCase, cfg: Config, model_cfg: ModelConfig, data: Benc
         case_cfg = dataclasses.replace(model_cfg, gru=case.gru, compile=case.compiled)
         engine = case_engine(cfg, case_cfg, case.precision, data.src_vocab, data.tgt_vocab)
         started = time.perf_counter()
-        engine.train_step([data.batches[0]])  # allocations, kernel choice, compiling
+        # Allocations and kernel choice; compiled, every batch once: each new shape may
+        # recompile (torch then marks its dims dynamic), a one-off cost, not step speed.
+        for batch in data.batches if case.compiled else data.batches[:1]:
+            engine.train_step([batch])
         record["warmup_s"] = time.perf_counter() - started
         wall, cpu = time.perf_counter(), time.process_time()
         stats = [engine.train_step([b]) for b in data.batches]
@@ -248,7 +251,7 @@ def _decode_once(model: RNNSearch, sources: list[list[int]], beam: int, batch_se
 
 def measure_decoding(beams: list[int], threads: int, precision: str, model_cfg: ModelConfig, data: BenchData,
                      cfg: Config, repeats: int, say: Callable[[str], None],
-                     compiled: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
+                     compiled: tuple[bool | str, ...] = (False,)) -> list[dict[str, Any]]:
     """Sentences/s and output tokens/s per beam size, best of ``repeats`` interleaved passes."""
     torch.set_num_threads(threads)
     models = {}
@@ -260,7 +263,7 @@ def measure_decoding(beams: list[int], threads: int, precision: str, model_cfg: 
             _decode_once(models[c], data.dev_sources[:2], max(beams), 2, cfg, precision)
     n = len(data.dev_sources)
     keys = [(b, c) for c in compiled for b in beams]
-    runs: dict[tuple[int, bool], list[dict[str, Any]]] = {key: [] for key in keys}
+    runs: dict[tuple[int, bool | str], list[dict[str, Any]]] = {key: [] for key in keys}
     for r in range(repeats):
         for beam, c in keys:
             record: dict[str, Any] = {}
@@ -268,7 +271,7 @@ def measure_decoding(beams: list[int], threads: int, precision: str, model_cfg: 
                 record["wall_s"], record["cpu_s"], record["out_tokens"] = _decode_once(
                     models[c], data.dev_sources, beam, cfg.eval.batch_sentences, cfg, precision)
             runs[(beam, c)].append(record)
-            tag = " (model.compile)" if c else ""
+            tag = f" (model.compile={c})" if c else ""
             say(f"[bench model] decode beam {beam}{tag} pass {r + 1}/{repeats}: {n / record['wall_s']:.1f} sentences/s")
     src_tokens = sum(len(s) + 1 for s in data.dev_sources)  # + EOS
     results = []
@@ -353,7 +356,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["training"]:
-        gru = r["gru"] + (" + model.compile" if r["compiled"] else "")
+        gru = r["gru"] + (f" + model.compile={r['compiled']}" if r["compiled"] else "")
         lines.append(f"| {r['case']} | {r['threads']} | {r['precision']} | {gru} | {r['tokens_per_s']:.0f} | "
                      f"{r['tokens_per_s_median']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['step_s']:.3f} | "
                      f"{r['peak_rss_mib']:.0f} |")
@@ -362,7 +365,7 @@ def to_markdown(result: dict[str, Any]) -> str:
               "| beam | threads | precision | compile | sentences/s | median | per CPU-s | output tokens/s | mean out len | peak RSS MiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["decoding"]:
-        lines.append(f"| {r['beam']} | {r['threads']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+        lines.append(f"| {r['beam']} | {r['threads']} | {r['precision']} | {r['compiled'] or 'no'} | "
                      f"{r['sentences_per_s']:.1f} | "
                      f"{r['sentences_per_s_median']:.1f} | {r['sentences_per_cpu_s']:.1f} | "
                      f"{r['output_tokens_per_s']:.0f} | {r['mean_output_len']:.1f} | {r['peak_rss_mib']:.0f} |")
@@ -385,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads for training")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--grus", nargs="+", default=["cudnn", "paper"], choices=["cudnn", "paper"])
-    p.add_argument("--compile", action="store_true",
-                   help="also measure model.compile=true: training at the first thread count, and decoding")
+    p.add_argument("--compile", nargs="?", const="scores", default=None, choices=["scores", "step"],
+                   help="also measure model.compile=MODE (default scores): training at the first thread count; "
+                        "decoding too for scores (step compiles training's recurrence only)")
     p.add_argument("--train-batches", type=int, default=4, help="batches per timed training pass")
     p.add_argument("--beams", type=int, nargs="+", default=[1, 5, 12], help="beam sizes to decode with")
     p.add_argument("--decode-sentences", type=int, default=200, help="newstest2013 sentences to decode")
@@ -422,11 +426,11 @@ def main(argv: list[str]) -> int:
             data = _load_data(prepared, cfg, args.train_batches, args.decode_sentences, max_tokens)
             cases = [TrainCase(t, p, g) for t in args.threads for p in args.precisions for g in args.grus]
             if args.compile:
-                cases += [TrainCase(args.threads[0], p, model_cfg.gru, compiled=True) for p in args.precisions]
+                cases += [TrainCase(args.threads[0], p, model_cfg.gru, compiled=args.compile) for p in args.precisions]
             training = measure_training(cases, cfg, model_cfg, data, args.repeats, say)
             decode_threads = args.decode_threads or cfg.eval.threads
             decoding = measure_decoding(args.beams, decode_threads, args.decode_precision, model_cfg, data, cfg,
-                                        args.repeats, say, (False, True) if args.compile else (False,))
+                                        args.repeats, say, (False, args.compile) if args.compile == "scores" else (False,))
     finally:
         torch.set_num_threads(old_threads)
     machine["load_average_end"] = round(os.getloadavg()[0], 2)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from distnmt.model.rnnsearch import EncoderOutput, PaperGRUCell, RNNSearch, _additive_scores
+from distnmt.model.rnnsearch import EncoderOutput, PaperGRUCell, RNNSearch, _additive_scores, _recurrence_step
 
 __all__ = ["RNNEncDec"]
 
@@ -70,6 +70,7 @@ class RNNEncDec(RNNSearch):
         self.init_proj = nn.Linear(ctx_size, hidden_size)  # V': s_0 = tanh(V' c)
         self._build_decoder(ctx_size)  # RNNsearch's cell and deep output, over [E y; c]
         self._scores = _additive_scores  # never called: no alignment model
+        self._recurrence = _recurrence_step  # eager: model.compile is for RNNsearch's attention
         if init == "paper":
             self._init_paper()
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-__all__ = ["EncoderOutput", "PaperGRUCell", "RNNSearch", "gru_cell_fp32_gates"]
+__all__ = ["EncoderOutput", "PaperGRUCell", "RNNSearch", "compile_mode", "gru_cell_fp32_gates"]
 
 GRU_VARIANTS = ("cudnn", "paper")
 INIT_SCHEMES = ("paper", "torch")
@@ -77,6 +77,20 @@ def _additive_scores(keys: Tensor, query: Tensor, v: Tensor) -> Tensor:
 def _additive_scores_plain(keys: Tensor, query: Tensor, v: Tensor) -> Tensor:
     """:func:`_additive_scores` without the in-place op, for torch.compile to fuse."""
     return F.linear(torch.tanh(keys + query), v).squeeze(-1)
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """``model.compile`` as None (eager), "scores" or "step"; True means "scores"."""
+    modes = {False: None, True: "scores", "scores": "scores", "step": "step"}
+    if isinstance(compile, str) and compile not in modes or not isinstance(compile, (bool, str)):
+        raise ValueError(f"model.compile must be false, true, 'scores' or 'step', got {compile!r}")
+    return modes[compile]
+
+
+def _recurrence_step(model: RNNSearch, emb: Tensor, state: Tensor, enc: EncoderOutput) -> tuple[Tensor, Tensor]:
+    """c_i and s_i from E y_{i-1} and s_{i-1}: the part of a training step that feeds back."""
+    context, _ = model.attend(state, enc)
+    return context, model._cell_step(emb, context, state)
 
 
 class PaperGRUCell(nn.Module):
@@ -198,10 +212,13 @@ class RNNSearch(nn.Module):
             (paper: separate). W_o reads the maxout output (``maxout_size`` wide) and
             E has ``embed_size`` columns, so when the two differ a bias-free
             projection ``output_proj`` (maxout_size -> embed_size) is inserted.
-        compile: run the alignment scores v_a^T tanh(W_a s + U_a h_j) through
-            ``torch.compile`` (needs a C++ compiler; the first batch compiles for
-            15-60 s). The scores are the largest elementwise work of a step, and
-            fused they ran 2-3x faster; see docs/MODEL.md for what that buys.
+        compile: what goes through ``torch.compile`` (needs a C++ compiler):
+            False: nothing (the eager reference). True or "scores": the alignment
+            scores v_a^T tanh(W_a s + U_a h_j), in training and decoding (the first
+            batch compiles for 15-60 s; fused they ran 2-3x faster). "step": the
+            whole recurrence step of teacher-forced training (attention, the GRU
+            cell and its gate math: one graph called T times per batch, its
+            elementwise work fused); decoding stays eager. See docs/MODEL.md.
     """
 
     def __init__(
@@ -218,7 +235,7 @@ class RNNSearch(nn.Module):
         pad_id: int = 0,
         init: str = "paper",
         tie_embeddings: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         ctx_size = 2 * hidden_size  # an annotation, or the encdec fixed context
@@ -237,11 +254,19 @@ class RNNSearch(nn.Module):
             self.energy = nn.Linear(align_size, 1, bias=False)  # v_a
 
         self._build_decoder(ctx_size)
+        mode = compile_mode(compile)
         # The alignment scores through torch.compile (one fused add-tanh-dot kernel), or
         # eager. A module-level function, not a bound method: no reference cycle.
         self._scores: Callable[[Tensor, Tensor, Tensor], Tensor] = _additive_scores
-        if compile and attention:
+        if mode == "scores" and attention:
             self._scores = torch.compile(_additive_scores_plain, dynamic=True)
+        # The training recurrence step (attention + cell) through torch.compile, or eager.
+        # Module-level again, the model passed in. Shapes are static at first, and Ray's
+        # length buckets then make torch mark the changing dims dynamic after the first
+        # recompile (dynamic=True fails on the GRU cell's shapes in torch 2.13; docs/MODEL.md).
+        self._recurrence: Callable[..., tuple[Tensor, Tensor]] = _recurrence_step
+        if mode == "step":
+            self._recurrence = torch.compile(_recurrence_step, fullgraph=True)
 
         if init == "paper":
             self._init_paper()
@@ -442,16 +467,11 @@ class RNNSearch(nn.Module):
         # [B, T, E] gradients; unbind's backward is one stack.
         for emb_i in emb.unbind(1):
             states.append(state)
-            context, state = self._recurrence_step(emb_i, state, enc)
+            context, state = self._recurrence(self, emb_i, state, enc)
             contexts.append(context)
         prev_states = torch.stack(states, dim=1)  # s_{i-1}: [B, T, H]
         all_contexts = torch.stack(contexts, dim=1)  # c_i: [B, T, 2H]
         return self._logits(prev_states, emb, all_contexts).float()
-
-    def _recurrence_step(self, emb: Tensor, state: Tensor, enc: EncoderOutput) -> tuple[Tensor, Tensor]:
-        """c_i and s_i from E y_{i-1} and s_{i-1}: the part of a step that feeds back."""
-        context, _ = self.attend(state, enc)
-        return context, self._cell_step(emb, context, state)
 
     def decode_step(
         self, enc: EncoderOutput, prev_tokens: Tensor, state: Tensor
