@@ -1,6 +1,8 @@
 """``model.compile``: the alignment scores through torch.compile give the eager results.
 
-Marked ``integration``: the first call compiles C++ kernels (15-60 s on 2 cores).
+Each first call compiles C++ kernels (15-30 s per test on 2 cores with a cold inductor
+cache). Not marked ``integration`` (one process, no cluster): they run in the unit stream,
+beside the integration tests (launch/test.sh).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import torch
 
 from distnmt.model import RNNSearch, beam_search
 
-pytestmark = pytest.mark.integration
 
 V, BOS, EOS = 30, 1, 2
 TINY = dict(embed_size=8, hidden_size=16, align_size=12, maxout_size=10)
