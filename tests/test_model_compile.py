@@ -1,4 +1,5 @@
-"""``model.compile``: the alignment scores through torch.compile give the eager results.
+"""``model.compile``: the alignment scores, or the whole training recurrence step, through
+torch.compile give the eager results.
 
 Each first call compiles C++ kernels (15-30 s per test on 2 cores with a cold inductor
 cache). Not marked ``integration`` (one process, no cluster): they run in the unit stream,

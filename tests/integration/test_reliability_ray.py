@@ -8,6 +8,7 @@ tests/test_trainer.py."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -147,8 +148,10 @@ def test_driver_stopped_by_sigterm_then_sigkill_and_rerun_resumes_through_a_deep
     # One W&B run id across the three drivers (offline run folders: one per attempt, and
     # one more for the replaced worker group).
     wandb_runs = sorted(p for p in (run_dir / "wandb").glob("offline-run-*") if "-eval-" not in p.name)
-    assert len(wandb_runs) == 4 and len({p.name.rsplit("-", 1)[-1] for p in wandb_runs}) == 1, wandb_runs
-    assert last.meta["wandb_run_id"] == wandb_runs[0].name.rsplit("-", 1)[-1]
+    # offline-run-<date>_<time>-<id>, with "-1" appended by wandb when two start in the same second
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)", p.name).group(1) for p in wandb_runs}
+    assert len(wandb_runs) == 4 and len(ids) == 1, wandb_runs
+    assert ids == {last.meta["wandb_run_id"]}
     # The key was in every process's environment; no file of the run and no log holds it.
     leaks = subprocess.run(["grep", "-rl", key, str(run_dir), *map(str, logs)], capture_output=True, text=True)
     assert leaks.stdout == "", f"WANDB_API_KEY written to: {leaks.stdout}"
