@@ -44,7 +44,7 @@ from distnmt.checkpoint import (
     nonfinite_path,
     read_meta,
 )
-from distnmt.cluster import start_or_join
+from distnmt.cluster import route_local_mode_logs, start_or_join
 from distnmt.config import Config, ConfigError
 from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.evaluator import Evaluator
@@ -211,7 +211,14 @@ def run_local(cfg: Config, run_dir: Path) -> list[ScoreRecord]:
     the run's checkpoints here with the evaluator's own class, and close as a cluster run does."""
     started = time.time()
     nonfinite_path(run_dir).unlink(missing_ok=True)
-    build_local_trainer(cfg, run_dir).fit()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path, undo_logs = route_local_mode_logs(cfg, run_dir)
+    print(f"[distnmt] Ray Train's local mode, in this process; Ray's informational lines: {log_path}"
+          + ("" if cfg.logging.ray == "info" else " (logging.ray: info shows them here too)"), flush=True)
+    try:
+        build_local_trainer(cfg, run_dir).fit()
+    finally:
+        undo_logs()
     evaluator = Evaluator(cfg.to_dict(), cfg.data.prepared_dir, str(run_dir))
     for checkpoint in list_checkpoints(run_dir):
         # What Ray's validation hook hands the actor in a cluster run (eval.policy applies).

@@ -229,10 +229,11 @@ def test_state_dict_round_trip(prepared: Path, tmp_path: Path) -> None:
 
 
 def test_workers_0_trains_in_this_process_with_ray_train_local_mode(prepared: Path, tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
     """`distnmt train` with train.workers=0: no Ray cluster, the loop in this process through
-    Ray Train's local mode, the checkpoints scored after training; and a NaN streak ends it
-    with the driver's one-line error naming the last good checkpoint."""
+    Ray Train's local mode, the checkpoints scored after training, Ray Train's informational
+    lines in the run's Ray log and not on the console (as in a cluster run); and a NaN
+    streak ends it with the driver's one-line error naming the last good checkpoint."""
     import ray
 
     from distnmt.cli import main
@@ -243,8 +244,11 @@ def test_workers_0_trains_in_this_process_with_ray_train_local_mode(prepared: Pa
                  "eval.beam_size=1", "eval.test_at_end=false", "eval.figures=false"]:
         args += ["--set", text]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()  # fd-level: Ray's logging handler holds the real stderr
     assert not ray.is_initialized()  # no cluster was started
+    ray_logs = "".join(p.read_text() for p in (tmp_path / "local/logs").glob("ray-*.log"))
+    assert "Running in local mode" in ray_logs and "Running in local mode" not in out + err
+    assert "Ray's informational lines: " in out
     assert f"[train] ddp on 1 worker(s) (cpu)" in out and "[train] stopping at step 6" in out
     assert "checkpoint_00000006: BLEU|" in out  # scored by the evaluator's class, in this process
     assert _steps(tmp_path / "local") == [3, 6]
@@ -254,7 +258,7 @@ def test_workers_0_trains_in_this_process_with_ray_train_local_mode(prepared: Pa
         assert main([*args, "--set", "train.max_steps=20", "--set", "train.max_nonfinite_steps=2"]) == 1
     finally:
         del os.environ["DISTNMT_FAULT_NAN"]
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert ("training stopped at step 9: loss or gradients non-finite for 2 consecutive steps "
             "(train.max_nonfinite_steps=2); try a lower optim.lr or bf16 instead of fp16; "
             f"last good checkpoint: {tmp_path / 'local/checkpoint_00000006'}") in err

@@ -26,11 +26,22 @@ from distnmt.cluster.procs import (
     stop_marked,
     tree_memory,
 )
-from distnmt.cluster.run import LOOPBACK, NAMESPACE, RayHandle, free_ports, run_env_vars, start_local, start_or_join
+from distnmt.cluster.run import (
+    LOOPBACK,
+    NAMESPACE,
+    RayHandle,
+    free_ports,
+    ray_log_path,
+    route_local_mode_logs,
+    run_env_vars,
+    start_local,
+    start_or_join,
+)
 
 __all__ = [
     "DEFAULT_PASSTHROUGH", "LOOPBACK", "MARKER_VAR", "NAMESPACE", "WORKING_DIR_EXCLUDES", "ClusterError", "RayHandle",
     "add_parser", "cluster_pids", "free_ports", "is_loopback", "is_ray_info", "job_paths", "listening_sockets", "main",
-    "process_tree", "run_env_vars", "runtime_env", "start_local", "start_or_join", "stop_cluster", "stop_marked",
+    "process_tree", "ray_log_path", "route_local_mode_logs", "run_env_vars", "runtime_env", "start_local",
+    "start_or_join", "stop_cluster", "stop_marked",
     "tree_memory",
 ]

@@ -83,6 +83,18 @@ def _job_env_vars() -> dict[str, str]:
     return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
 
 
+def ray_log_path(run_dir: Path) -> Path:
+    """Where this attempt's informational Ray lines go: one file per start, in the run."""
+    return run_dir / LOG_DIR / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def route_local_mode_logs(cfg: "Config", run_dir: Path) -> tuple[Path, Callable[[], None]]:
+    """``train.workers: 0`` starts no cluster, but Ray Train's loggers still speak in this
+    process: the same routing as a cluster run's driver. Returns the log file and the undo."""
+    log_path = ray_log_path(run_dir)
+    return log_path, _route_driver_logs(log_path, cfg.logging.ray)
+
+
 def start_or_join(cfg: "Config", run_dir: Path) -> RayHandle:
     """Join the cluster the config or RAY_ADDRESS names, or start a local loopback one.
 
@@ -91,7 +103,7 @@ def start_or_join(cfg: "Config", run_dir: Path) -> RayHandle:
     import ray
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / LOG_DIR / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path = ray_log_path(run_dir)
     restore: list[Callable[[], None]] = []
     restore.append(_route_driver_logs(log_path, cfg.logging.ray))
     address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
