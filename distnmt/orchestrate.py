@@ -45,6 +45,7 @@ from distnmt.checkpoint import (
     read_meta,
 )
 from distnmt.cluster import route_local_mode_logs, start_or_join
+from distnmt.cluster.process_group import NodeAddressTorchConfig
 from distnmt.config import Config, ConfigError
 from distnmt.data.prepared import PreparedData
 from distnmt.evaluate.evaluator import Evaluator
@@ -135,6 +136,9 @@ def build_trainer(cfg: Config, run_dir: Path, evaluator_name: str) -> TorchTrain
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "evaluator": evaluator_name,
                            "namespace": NAMESPACE, "local": False},
+        # The process group's rendezvous on the node's address only (127.0.0.1 in a local
+        # cluster), not on every interface as torch's TCPStore would (cluster/process_group.py).
+        torch_config=NodeAddressTorchConfig(),
         scaling_config=ScalingConfig(
             # [min, max]: Ray's elastic policy starts with what the cluster can hold (at
             # least min), restarts on fewer workers when a node is lost, and grows the
