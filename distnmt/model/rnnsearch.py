@@ -261,9 +261,10 @@ class RNNSearch(nn.Module):
         if mode == "scores" and attention:
             self._scores = torch.compile(_additive_scores_plain, dynamic=True)
         # The training recurrence step (attention + cell) through torch.compile, or eager.
-        # Module-level again, the model passed in. Shapes are static at first, and Ray's
-        # length buckets then make torch mark the changing dims dynamic after the first
-        # recompile (dynamic=True fails on the GRU cell's shapes in torch 2.13; docs/MODEL.md).
+        # Module-level again, the model passed in. Shapes are static at first; the
+        # sampler's length buckets then make torch mark the changing dims dynamic after
+        # the first recompile (dynamic=True fails on the GRU cell's shapes in torch 2.13;
+        # docs/MODEL.md).
         self._recurrence: Callable[..., tuple[Tensor, Tensor]] = _recurrence_step
         if mode == "step":
             self._recurrence = torch.compile(_recurrence_step, fullgraph=True)
