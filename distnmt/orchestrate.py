@@ -185,8 +185,7 @@ def run_training(cfg: Config) -> list[ScoreRecord]:
     try:
         print(f"[distnmt] Ray ready in {time.time() - started:.1f} s; run directory {run_dir}", flush=True)
         if ray_handle is not None and ray_handle.log_path is not None:
-            print(f"[distnmt] Ray's informational lines: {ray_handle.log_path}"
-                  + ("" if cfg.logging.ray == "info" else " (logging.ray: info shows them here too)"), flush=True)
+            _name_ray_log(cfg, ray_handle.log_path)
         evaluator, evaluator_name = start_evaluator(cfg, run_dir)
         info = ray.get(evaluator.ready.remote())
         print(f"[distnmt] evaluator ready: {info['sentences']} {info['split']} sentences, beam {cfg.eval.beam_size}", flush=True)
@@ -210,6 +209,12 @@ def run_training(cfg: Config) -> list[ScoreRecord]:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
+def _name_ray_log(cfg: Config, log_path: Path, prefix: str = "") -> None:
+    """Tell the user, at the start of a run, where Ray's informational lines go."""
+    print(f"[distnmt] {prefix}Ray's informational lines: {log_path}"
+          + ("" if cfg.logging.ray == "info" else " (logging.ray: info shows them here too)"), flush=True)
+
+
 def run_local(cfg: Config, run_dir: Path) -> list[ScoreRecord]:
     """``train.workers: 0``: train in this process (Ray Train's local mode), then score
     the run's checkpoints here with the evaluator's own class, and close as a cluster run does."""
@@ -217,8 +222,7 @@ def run_local(cfg: Config, run_dir: Path) -> list[ScoreRecord]:
     nonfinite_path(run_dir).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path, undo_logs = route_local_mode_logs(cfg, run_dir)
-    print(f"[distnmt] Ray Train's local mode, in this process; Ray's informational lines: {log_path}"
-          + ("" if cfg.logging.ray == "info" else " (logging.ray: info shows them here too)"), flush=True)
+    _name_ray_log(cfg, log_path, "Ray Train's local mode, in this process; ")
     try:
         build_local_trainer(cfg, run_dir).fit()
     finally:
