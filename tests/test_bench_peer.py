@@ -26,6 +26,7 @@ from distnmt.bench.peer import (
     minutes_to_targets,
     minutes_to_xent,
     parse_joeynmt_log,
+    run_watched,
     ratios,
     tree_rss_mib,
 )
@@ -169,6 +170,26 @@ def test_tree_rss_counts_children() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_run_watched_interrupts_a_child_even_when_this_process_ignores_sigint(tmp_path: Path) -> None:
+    """A shell's background job (`... &`) starts with SIGINT ignored, and a child inherits
+    that: JoeyNMT would then lose the deadline's SIGINT and run on until SIGTERM, 90 s
+    later. run_watched gives the child SIGINT's default back."""
+    import signal
+    import sys
+
+    script = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              "    print('interrupted', flush=True)\n    raise SystemExit(3)\n")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        started = time.time()
+        watch = run_watched([sys.executable, "-c", script], tmp_path / "child.log", limit_s=60,
+                            deadline=lambda launched: launched + 1.5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (tmp_path / "child.log").read_text().strip() == "interrupted"
+    assert watch["returncode"] == 3 and watch["interrupted"] and time.time() - started < 15
 
 
 def _record(step: int, reported: float, started: float, scored: float, origin: str = "training",

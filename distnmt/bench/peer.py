@@ -310,6 +310,11 @@ def tree_rss_mib(pid: int) -> tuple[float, float]:
     return memory["rss"], memory["largest_rss"]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT interrupts (Python raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[str, str]] = None,
                 deadline: Optional[Callable[[float], Optional[float]]] = None, label: str = "") -> dict[str, Any]:
     """Run ``cmd`` (output to ``log``), polling the peak RSS of its process tree.
@@ -318,6 +323,9 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
     (None: not yet known), again every 15 s while it runs (JoeyNMT can swallow one
     that lands mid-validation); past ``limit_s`` the same. After 90 s of that it gets
     SIGTERM, after 120 s SIGKILL, so a hung system never hangs the benchmark.
+    The child gets SIGINT's default action back: a shell starts a background job
+    (`distnmt bench peer ... &`, a CI script's `&`) with SIGINT ignored, Python then
+    installs no KeyboardInterrupt handler, and every SIGINT would be lost until SIGTERM.
     """
     from distnmt.cluster import process_tree, tree_memory
 
@@ -326,7 +334,8 @@ def run_watched(cmd: list[str], log: Path, limit_s: float, env: Optional[dict[st
     interrupted_at: Optional[float] = None
     last_sigint = 0.0
     with open(log, "w", encoding="utf-8") as handle, tqdm(total=int(limit_s), desc=label, unit="s", leave=False) as bar:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_default_sigint)
         try:
             while proc.poll() is None:
                 # PSS: shared pages (torch's libraries in every Ray worker) counted once in
