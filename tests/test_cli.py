@@ -27,6 +27,17 @@ def test_console_script_is_installed() -> None:
         assert command in out.stdout
 
 
+def test_light_commands_import_neither_torch_nor_ray() -> None:
+    """Every launch/ script runs `distnmt cluster ...`; importing torch for them cost
+    about 2 s each (the CLI imported distnmt.checkpoint, which imported torch)."""
+    code = ("import sys; from distnmt.cli import main\n"
+            "try:\n    main(['cluster', 'pids', '--marker', 'none', '--temp-dir', '/nonexistent/'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
 def test_config_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--set", "model.hiden_size=3"]) == 2
     err = capsys.readouterr().err
