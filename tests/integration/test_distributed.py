@@ -14,7 +14,7 @@ import pytest
 from distnmt.data.sampler import BucketBatchSampler
 from distnmt.data.shards import TokenArray
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
 def _checkpoints(run_dir: Path) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 
 from distnmt.data.shards import TokenArray
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 

@@ -20,7 +20,7 @@ import ray
 from distnmt.config import load_config
 from distnmt.evaluate.score import SLOWDOWN_ENV
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 NAMESPACE = "distnmt"  # distnmt.orchestrate.NAMESPACE (not imported: collecting must not need train/)
 TINY = [

@@ -25,7 +25,7 @@ import pytest
 from distnmt.config import DataConfig
 from distnmt.data.prepare import prepare
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"

@@ -25,7 +25,7 @@ from distnmt.cluster import is_loopback, listening_sockets, process_tree, tree_m
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 # Ray Train's per-checkpoint chatter and Ray's start-up notice (issue 18's list).
 RAY_INFO = ("Checkpoint successfully created", "Reporting training result", "Launched async validation task",

@@ -22,7 +22,7 @@ import yaml
 
 from distnmt.checkpoint import checkpoint_step, load_checkpoint, newest_valid_checkpoint
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[2]
 
