@@ -61,28 +61,20 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if (p / "meta.json").exists())
 
 
-def _placement(nodes) -> dict[str, list[str]]:
-    """Node ids of the live training workers and of the live nodes (Ray's state API)."""
+def _placement(nodes) -> dict:
+    """Node ids of the live training workers, of the live nodes, and of the node that is
+    not the head (the one add-node.sh started), from Ray's state API in one process."""
     code = (
         "import json, os; from ray.util.state import list_actors, list_nodes\n"
         "a = os.environ['RAY_API_SERVER_ADDRESS']\n"
         "workers = list_actors(address=a, filters=[('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])\n"
         "nodes = list_nodes(address=a, filters=[('state', '=', 'ALIVE')])\n"
-        "print(json.dumps({'workers': [w.node_id for w in workers], 'nodes': [n.node_id for n in nodes]}))"
+        "print(json.dumps({'workers': [w.node_id for w in workers], 'nodes': [n.node_id for n in nodes],\n"
+        "                  'added': [n.node_id for n in nodes if not n.is_head_node]}))"
     )
     placed = nodes.run([nodes.python, "-c", code], 60)
     assert placed.returncode == 0, placed.stderr[-2000:]
     return json.loads(placed.stdout.strip().splitlines()[-1])
-
-
-def _worker_node(nodes) -> str:
-    """The id of the node that is not the head (the one add-node.sh started)."""
-    code = ("import os; from ray.util.state import list_nodes\n"
-            "print([n.node_id for n in list_nodes(address=os.environ['RAY_API_SERVER_ADDRESS'], "
-            "filters=[('state', '=', 'ALIVE')]) if not n.is_head_node][0])")
-    found = nodes.run([nodes.python, "-c", code], 60)
-    assert found.returncode == 0, found.stderr[-2000:]
-    return found.stdout.split()[-1]
 
 
 # DeepSpeed ZeRO-1: each change of world size also goes through DeepSpeed's universal
@@ -122,7 +114,7 @@ def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: l
         assert len(where["nodes"]) == 2 and len(where["workers"]) == 2, where
         assert set(where["workers"]) == set(where["nodes"]), where
         # The spot node's shutdown hook: drain it in Ray with a deadline of GRACE_S ...
-        node = _worker_node(two_nodes)
+        (node,) = where["added"]
         drained_at = time.time()
         drained = two_nodes.run([str(LAUNCH / "preempt-node.sh"), "--grace", str(GRACE_S), "--node-id", node], 60)
         assert drained.returncode == 0, drained.stderr
