@@ -419,3 +419,48 @@ def test_pool_workers_die_on_sigterm_whatever_the_parents_handler() -> None:
         assert seen == [True] * 4
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _mark_after(task: tuple[str, float, bytes]) -> int:
+    """A pool task: wait, then leave a file; the payload stands for a block of the corpus."""
+    import time
+
+    path, seconds, payload = task
+    time.sleep(seconds)
+    Path(path).write_text(str(len(payload)))
+    return len(payload)
+
+
+def test_an_error_lets_the_tasks_in_flight_finish_then_ends_the_pool(tmp_path: Path) -> None:
+    """Bad input stops `prepare` without Pool.terminate(), which once hung the suite (its
+    task handler writing a large task that no worker read any more): the tasks in flight
+    (4 MiB each, as a block of the corpus would be) end normally, then so do the workers."""
+    import multiprocessing
+
+    from distnmt.data.stages import Workers
+
+    with pytest.raises(ValueError, match="bad input"):
+        with Workers(2) as pool:
+            for i in range(4):  # 2 * processes: all in flight, none collected yet
+                pool.submit(_mark_after, (str(tmp_path / str(i)), 0.2, b"x" * 2**22), lambda n: None)
+            children = multiprocessing.active_children()
+            raise ValueError("bad input")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2", "3"]
+    assert children and not any(child.is_alive() for child in children)
+
+
+def test_ctrl_c_stops_the_pool_at_once(tmp_path: Path) -> None:
+    import multiprocessing
+    import time
+
+    from distnmt.data.stages import Workers
+
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        with Workers(2) as pool:
+            for i in range(4):
+                pool.submit(_mark_after, (str(tmp_path / str(i)), 30.0, b""), lambda n: None)
+            children = multiprocessing.active_children()
+            raise KeyboardInterrupt
+    assert time.time() - started < 20 and list(tmp_path.iterdir()) == []
+    assert children and not any(child.is_alive() for child in children)

@@ -350,6 +350,18 @@ class Workers:
         if exc_type is None:
             self.drain()
             self._pool.close()
-        else:  # stop at once: the error is what the user needs to see
+        elif issubclass(exc_type, Exception):
+            # An error (bad input, found here or by a worker): let the tasks in flight
+            # finish (at most 2 * processes, each one block) and drop their results.
+            # Not Pool.terminate(): its task handler may start writing a task after
+            # terminate() has emptied the task pipe for the last time; a task is a
+            # block of the corpus, far larger than a pipe holds, no worker reads it
+            # any more, and terminate() waits for that handler forever (seen once in
+            # the suite: `prepare` on bad input hung until pytest's timeout).
+            for result, _ in self._pending:
+                result.wait()
+            self._pending.clear()
+            self._pool.close()
+        else:  # Ctrl-C or exit: the workers got the signal too, and a task of theirs may never end
             self._pool.terminate()
         self._pool.join()
