@@ -1,6 +1,6 @@
 """distnmt/cluster/ without Ray: the console's line filter, process-tree memory
 (PSS against summed RSS), listening sockets from /proc, and the run's address
-(the runs themselves are in tests/integration/test_local_run.py and test_job_submit.py)."""
+(the runs themselves are in tests/integration/test_job_submit.py)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def test_bench_peer_tiny_distnmt(prepared: Path, tmp_path: Path) -> None:
     are property-tested in tests/test_data_sampler.py), and each run costs ~35 s here.
     The run is Ray Train's local mode (train.workers=0): the benchmark's plumbing (the
     run, its records, the curve, the test decode, eval-lag) is what this checks; a
-    cluster's start-up would add ~20 s (the clustered path: tests/integration/test_local_run.py)."""
+    cluster's start-up would add ~20 s (the clustered path: test_job_submit.py's local run)."""
     assert main(["--tiny", "--systems", "distnmt", "--set", f"data.prepared_dir={prepared}",
                  "--set", "train.workers=0", "--out", str(tmp_path)]) == 0
     figures = json.loads((tmp_path / "peer.json").read_text())

@@ -11,7 +11,7 @@ import torch
 from distnmt.bench.train import main
 from distnmt.config import ConfigError
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray]
+pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.beside]
 
 
 def test_bench_train_tiny_writes_its_figures(prepared: Path, tmp_path: Path) -> None:

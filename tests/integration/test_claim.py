@@ -19,7 +19,7 @@ import pytest
 from distnmt.bench.claim import main as claim_main
 from distnmt.data.prepared import PreparedData
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray]
+pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.beside]
 
 
 def test_rnnsearch_learns_the_synthetic_task_through_the_real_path(tmp_path: Path) -> None:

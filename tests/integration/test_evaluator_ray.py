@@ -3,7 +3,7 @@ killing it mid-decode loses no checkpoint's score; early stopping ends a run;
 under policy "newest" every checkpoint is scored or recorded as skipped; the
 end-of-run work (test score of the best checkpoint, the paper's figures) is done.
 
-(That the evaluator scores while training goes on is tests/integration/test_local_run.py.)"""
+(That the evaluator scores while training goes on is the local run of tests/integration/test_job_submit.py.)"""
 
 from __future__ import annotations
 

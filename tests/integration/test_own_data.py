@@ -5,7 +5,7 @@ the configured sacreBLEU tokenizer, dev during training and test at the end (iss
 The run is Ray Train's local mode (``train.workers: 0``): what this test is about, the
 data path from the user's files to the scores, is the same code on a cluster, and a
 cluster's start-up would triple the test's time (the 2-worker path with the evaluator
-actor is tests/integration/test_local_run.py)."""
+actor is the local run of tests/integration/test_job_submit.py)."""
 
 from __future__ import annotations
 
