@@ -121,7 +121,9 @@ class _Killer(threading.Thread):
                 ray.kill(actor, no_restart=False)
                 self.killed = status
                 return
-            time.sleep(0.05)
+            # A decode lasts at least SLOWDOWN_ENV's 2 s: 4 looks a second catch it, and
+            # cost the actor and the test's process far less than 20 did.
+            time.sleep(0.25)
 
 
 def test_killing_the_evaluator_mid_decode_loses_no_score(local_ray: None, prepared: Path, tmp_path: Path) -> None:
