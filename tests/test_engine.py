@@ -6,19 +6,19 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distnmt.config import ConfigError, load_config
 from distnmt.data.batch import Batch
 from distnmt.model.build import build_model
 from distnmt.train.engine import DDPEngine, deepspeed_config
 from distnmt.train.schedule import lr_multiplier
+
+from ranks import free_port, start_ranks  # tests/ranks.py
 
 TINY = ["model.embed_size=8", "model.hidden_size=12", "model.align_size=10", "model.maxout_size=6",
         "optim.name=adam", "optim.lr=0.01", "train.precision=fp32"]
@@ -66,15 +66,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_step_equals_single_process_step_on_both_batches(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    start_ranks(_ddp_worker, (free_port(), str(out)), 2)
     ddp = torch.load(out, weights_only=True)
 
     # One process, the two ranks' batches as two micro-batches of one step: the

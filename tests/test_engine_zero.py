@@ -6,25 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distnmt.config import load_config
 from distnmt.model.build import build_model
 
+from ranks import free_port, start_ranks  # tests/ranks.py
+
 pytestmark = pytest.mark.integration
 VOCAB = 40
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, stage: int, tmp: str) -> None:
@@ -74,7 +68,7 @@ def _worker(rank: int, world: int, port: int, stage: int, tmp: str) -> None:
 # Ray starts (tests/test_reliability.py::test_train_refuses_before_starting_ray[zero-stage-3]).
 @pytest.mark.parametrize("stage, world", [(2, 1)])
 def test_checkpoint_weights_are_the_full_fp32_masters(stage: int, world: int, tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(world, _port(), stage, str(tmp_path)), nprocs=world, join=True)
+    start_ranks(_worker, (world, free_port(), stage, str(tmp_path)), world)
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     weights, local = out["weights"], out["local"]
     shapes = {k: v.shape for k, v in build_model(load_config(None, [

@@ -20,13 +20,13 @@ from __future__ import annotations
 import collections
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch.multiprocessing as mp
+
+from ranks import free_port, start_ranks  # tests/ranks.py
 
 STEPS = 9
 LOG_EVERY = 4  # steps 4 and 8 log; step 9 (the last) checkpoints: the plain steps are 1-3 and 5-7
@@ -87,12 +87,8 @@ def _count(rank: int, port: int, prepared: str, run_dir: str, out: str) -> None:
 
 def count_syncs(prepared: Path, tmp_path: Path) -> list[list[dict[str, int]]]:
     """Per rank, per step (index 0: before the first step), {"<kind> <file>": calls}."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "syncs"
-    mp.start_processes(_count, args=(port, str(prepared), str(tmp_path / "run"), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    start_ranks(_count, (free_port(), str(prepared), str(tmp_path / "run"), str(out)), 2)
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
 
 

@@ -7,25 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distnmt.train.engine import import_deepspeed
 from distnmt.train.reshard import UNIVERSAL_DIR, remove_universal, universal_for
 
+from ranks import free_port, start_ranks  # tests/ranks.py
+
 pytestmark = pytest.mark.integration
 TAG = "state"
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _engine(stage: int, world: int, universal: Path | None):
@@ -82,7 +76,7 @@ def _worker(rank: int, world: int, port: int, mode: str, stage: int, run_dir: st
 
 
 def _run(world: int, mode: str, stage: int, run_dir: Path) -> None:
-    mp.spawn(_worker, args=(world, _port(), mode, stage, str(run_dir)), nprocs=world, join=True)
+    start_ranks(_worker, (world, free_port(), mode, stage, str(run_dir)), world)
 
 
 def _whole(parts: list[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
