@@ -20,9 +20,15 @@ TINY = dict(embed_size=8, hidden_size=16, align_size=12, maxout_size=10)
 
 @pytest.fixture(autouse=True)
 def one_thread():
+    import torch._inductor.config
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors; a second thread only spin-waits
-    yield
+    # Inductor compiles in this process instead of a pool of worker processes: each of
+    # those imports torch (about 9 CPU-seconds in all here), and on 2 cores beside the
+    # rest of the suite the pool gains nothing.
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
     torch.set_num_threads(before)
 
 

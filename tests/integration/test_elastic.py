@@ -92,7 +92,8 @@ ZERO1 = ["train.backend=deepspeed", f"train.deepspeed_config={LAUNCH.parent}/con
 def test_elastic_run_loses_a_node_and_gets_one_back(two_nodes, tiny_overrides: list[str], prepared: Path,
                                                     tmp_path: Path) -> None:
     """two_nodes: a RayNodes (conftest.py); the run is a `distnmt train` subprocess joining it."""
-    env = {**two_nodes.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": str(PREEMPTION_POLL_S)}  # to the controller
+    env = {**two_nodes.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": str(PREEMPTION_POLL_S),  # to the controller
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}  # off in the other tests (conftest.py)
     run_dir = tmp_path / "runs" / "elastic"
     overrides = [
         *tiny_overrides, *ZERO1, f"train.storage_path={tmp_path / 'runs'}", "train.name=elastic",
