@@ -21,10 +21,11 @@ from distnmt.data.prepare import prepare
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # A raylet ends a worker process that has been idle 1 s once the node runs more workers
 # than it has CPUs, as a Ray Train run always does: each checkpoint's validation task
-# (distnmt.evaluate.hook) then started a new process (about 4 CPU-seconds of imports).
-# Idle for up to 10 minutes here, one process serves the run's validations
-# (test_elastic: 3 processes instead of 8, 12 CPU-s instead of 32).
-os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+# (distnmt.evaluate.hook) then starts a new process (about 4 CPU-seconds of imports).
+# The local clusters distnmt starts keep idle workers 2 min (cluster/run.py, start_local);
+# this does the same for the clusters of `ray start` (launch/start-head.sh, add-node.sh)
+# in test_elastic (3 such processes instead of 8, 12 CPU-s instead of 32) and test_job_submit.
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "120000")
 # Ray Train's preemption watcher is an actor per worker group (about 2 CPU-seconds to
 # start); without it ray.train.get_preemption_info() answers None, as it does with it
 # while no node is drained. Only test_elastic drains a node: it turns the watcher on.
