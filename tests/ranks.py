@@ -20,12 +20,9 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 # Imported once by the forkserver; every rank forked from it has them. (deepspeed:
-# what distnmt.train.engine.import_deepspeed imports; torch._dynamo: what the first
-# optimizer a rank builds imports; torch._inductor.compile_fx: what DeepSpeed's ZeRO
-# optimizer check imports (its muon module calls torch.compile); together 2.2
-# CPU-seconds a rank. A failed preload is only slower.)
-PRELOAD = ["torch", "torch.distributed", "deepspeed", "deepspeed.ops", "torch._dynamo",
-           "torch._inductor.compile_fx", "distnmt.train.engine", "distnmt.train.reshard"]
+# what distnmt.train.engine.import_deepspeed imports; a failed preload is only slower.)
+PRELOAD = ["torch", "torch.distributed", "deepspeed", "deepspeed.ops", "distnmt.train.engine",
+           "distnmt.train.reshard"]
 
 
 def free_port() -> int:
