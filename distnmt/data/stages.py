@@ -284,14 +284,9 @@ def default_workers() -> int:
 
 
 def in_child(fn: Callable[[Any], Any], arg: Any) -> Any:
-    """``fn(arg)`` in a fresh child process; its memory goes back to the OS when it exits.
-
-    Spawned, not forked: a process that has run Ray (a test session, ``distnmt train``
-    with ``train.workers: 0``) keeps gRPC threads, and a child forked while one of them
-    held a lock waited on it forever (seen: test_own_data's prepare, after the suite's
-    in-process Ray runs). One interpreter start (about a second) per ``prepare``.
-    """
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    """``fn(arg)`` in a fresh child process; its memory goes back to the OS when it exits."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(1) as pool:
         return pool.apply(fn, (arg,))
 
 
