@@ -408,7 +408,7 @@ def test_pool_workers_die_on_sigterm_whatever_the_parents_handler() -> None:
     import signal
     import sys
 
-    from distnmt.data.stages import Workers
+    from distnmt.data.stages import Workers, in_child
 
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
     try:
@@ -417,6 +417,7 @@ def test_pool_workers_die_on_sigterm_whatever_the_parents_handler() -> None:
             for i in range(4):
                 pool.submit(_sigterm_disposition, i, seen.append)
         assert seen == [True] * 4
+        assert in_child(_sigterm_disposition, 0)  # prepare's sentencepiece child, the same way
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -284,9 +284,15 @@ def default_workers() -> int:
 
 
 def in_child(fn: Callable[[Any], Any], arg: Any) -> Any:
-    """``fn(arg)`` in a fresh child process; its memory goes back to the OS when it exits."""
+    """``fn(arg)`` in a fresh child process; its memory goes back to the OS when it exits.
+
+    The child starts with ``_start_worker`` as every pool worker does: leaving the
+    ``with`` block terminates it, and a forked child that kept a Python SIGTERM handler
+    (``ray.init`` leaves one in its process) once outlived that, with the parent
+    waiting in ``join()`` forever (the suite's test_own_data, after in-process Ray runs).
+    """
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(1) as pool:
+    with multiprocessing.get_context(method).Pool(1, _start_worker, (None, ())) as pool:
         return pool.apply(fn, (arg,))
 
 
