@@ -10,6 +10,7 @@ later run that computes the same key skips the shard.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -17,7 +18,7 @@ import multiprocessing
 import os
 import signal
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -286,14 +287,54 @@ def default_workers() -> int:
 def in_child(fn: Callable[[Any], Any], arg: Any) -> Any:
     """``fn(arg)`` in a fresh child process; its memory goes back to the OS when it exits.
 
-    The child starts with ``_start_worker`` as every pool worker does: leaving the
+    The child starts the way every pool worker does (:func:`_pool`): leaving the
     ``with`` block terminates it, and a forked child that kept a Python SIGTERM handler
     (``ray.init`` leaves one in its process) once outlived that, with the parent
     waiting in ``join()`` forever (the suite's test_own_data, after in-process Ray runs).
     """
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(1, _start_worker, (None, ())) as pool:
+    with _pool(1) as pool:
         return pool.apply(fn, (arg,))
+
+
+# Signals that may reach a pool worker before it has run a line of its own:
+# Pool.terminate() (SIGTERM) and Ctrl-C (SIGINT, to the whole process group).
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held(signals: Iterable[int]) -> Iterator[None]:
+    """Block ``signals`` in this thread; on exit, deliver any that came meanwhile.
+
+    Threads and forked children started inside inherit the block. A child forked
+    while they were deliverable could run the parent's Python handler for one before
+    it reached its own code, at ``os.fork()``'s return in multiprocessing, outside the
+    ``try`` that ends a worker with ``os._exit``: the child then unwound the parent's
+    stack as if it were the parent. Seen in the suite: ``Pool.terminate()`` right
+    after the pool forked; the new worker ran ``ray.init``'s SIGTERM handler
+    (``sys.exit``) and went on running the rest of pytest as a second copy.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing forks here
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _pool(processes: int, initializer: Optional[Callable[..., None]] = None, initargs: tuple = ()) -> Any:
+    """A ``multiprocessing.Pool`` whose workers run :func:`_start_worker` first.
+
+    Forked where the platform can (workers start in milliseconds and inherit the
+    loaded modules). The pool is made with SIGINT and SIGTERM held, so that its
+    workers and its helper threads (which fork the replacement of a worker that
+    died) start with them held too; each worker lets them through once it is in
+    its own code.
+    """
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with _signals_held(_HELD):
+        return multiprocessing.get_context(method).Pool(processes, _start_worker, (initializer, initargs))
 
 
 def _start_worker(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
@@ -303,9 +344,15 @@ def _start_worker(initializer: Optional[Callable[..., None]], initargs: tuple) -
     leaves one behind in the process that called it). With such a handler a worker
     blocked on the task queue's lock outlived ``terminate()`` and ``join()`` waited
     forever: seen when ``prepare`` failed on bad input in a process that had run
-    training before (the test suite hung there).
+    training before (the test suite hung there). SIGINT gets Python's own handler,
+    not whatever the parent installed: Ctrl-C stops a worker's task with
+    KeyboardInterrupt. Both were held since the fork (:func:`_pool`); one that came
+    meanwhile is delivered here.
     """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
     if initializer is not None:
         initializer(*initargs)
 
@@ -324,10 +371,7 @@ class Workers:
         self._pending: deque[tuple[Any, Callable[[Any], None]]] = deque()
         self._pool = None
         if self.processes > 1:
-            # fork: workers start in milliseconds and inherit the loaded modules.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self._pool = multiprocessing.get_context(method).Pool(
-                self.processes, _start_worker, (initializer, initargs))
+            self._pool = _pool(self.processes, initializer, initargs)
         elif initializer is not None:
             initializer(*initargs)
 
