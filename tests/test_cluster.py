@@ -146,6 +146,40 @@ def test_forwarded_lines_go_to_the_file_and_only_some_to_the_console(level: str,
     assert "(RayTrainWorker pid=7) [train] step 10/20" in logged and "ValueError: x" in logged
 
 
+def test_lines_forwarded_until_the_disconnect_are_routed_and_the_printer_stays_out(tmp_path, monkeypatch) -> None:
+    """RayHandle.stop shuts Ray down while the routing is still in, so a line Ray Train's
+    controller forwards at the very end (after the run's closing BLEU line) is filtered
+    like any other, not printed by Ray's printer. ray.shutdown() takes the printer out by
+    name, and the undo leaves it out: the next ray.init adds its own, and one put back
+    here would print every line twice."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    from distnmt.cluster import RayHandle
+    from distnmt.cluster.logs import _route_worker_logs
+
+    printed: list[str] = []
+    dispatcher.add_handler("ray_print_logs", lambda data: printed.extend(data["lines"]))
+    log = tmp_path / "logs" / "ray-1.log"
+    late = "Staged validations for checkpoint(s): []."
+
+    def shutdown() -> None:  # what ray.shutdown() does to the dispatcher, a late line first
+        dispatcher.emit({"pid": 8, "actor_name": "TrainController", "is_err": True, "lines": [late]})
+        dispatcher.remove_handler("ray_print_logs")
+
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    handle = RayHandle("127.0.0.1:1", owned=True, log_path=log, _restore=[_route_worker_logs(log, "warning")])
+    try:
+        handle.stop()
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+    assert printed == []
+    assert "ray_print_logs" not in dict(dispatcher.handlers)
+    assert f"(TrainController pid=8 stderr) {late}" in log.read_text()
+
+
 def test_this_process_ray_logger_info_to_the_file_warnings_to_the_console(tmp_path) -> None:
     """The driver's own "ray" logger: its console handlers pass WARNING and up only;
     INFO ("Started a local Ray instance") goes to the run's log file; undone after."""

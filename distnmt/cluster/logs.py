@@ -108,8 +108,12 @@ def _route_worker_logs(log_path: Path, level: str) -> Callable[[], None]:
     dispatcher.add_handler("ray_print_logs", route)
 
     def undo() -> None:
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", original)
+        # Ray's printer back only where the route is still in: ray.shutdown() takes it
+        # out by name, and one put back after that would print every line twice under
+        # the next ray.init, which adds its own.
+        if any(handler is route for _, handler in dispatcher.handlers):
+            dispatcher.remove_handler("ray_print_logs")
+            dispatcher.add_handler("ray_print_logs", original)
         log.close()
         _log_files.pop(log_path, None)
 

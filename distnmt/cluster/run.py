@@ -48,12 +48,17 @@ class RayHandle:
         """Disconnect (and, for a local cluster, stop it); undo the log routing."""
         import ray
 
-        # Ray's printer back first: ray.shutdown() removes it by name, and a handler
-        # put back after that would print every line twice under the next ray.init.
-        while self._restore:
-            self._restore.pop()()
-        if ray.is_initialized():
-            ray.shutdown()
+        # Ray first, with the routing still in place: its actors (Ray Train's controller)
+        # go on forwarding lines until the disconnect, and one that came after the
+        # routing's undo went to the console past the run's closing BLEU line.
+        # ray.shutdown() takes the printer out by name; the undo then leaves it out
+        # (the next ray.init installs its own).
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            while self._restore:
+                self._restore.pop()()
 
 
 def free_ports(count: int, host: str = "") -> list[int]:
