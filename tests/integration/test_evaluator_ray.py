@@ -1,12 +1,18 @@
-"""The evaluator actor in real 2-worker Ray Train runs on this 2-CPU machine:
-killing it mid-decode loses no checkpoint's score; early stopping ends a run;
-under policy "newest" every checkpoint is scored or recorded as skipped; the
-end-of-run work (test score of the best checkpoint, the paper's figures) is done.
+"""Real 2-worker Ray Train runs (gloo DDP) with the evaluator actor, on this 2-CPU
+machine: a training worker SIGKILLed mid-epoch is replaced with nothing lost, and the
+evaluator killed mid-decode loses no checkpoint's score (both in one run: each Ray run
+costs the suite about a minute); early stopping ends a run; under policy "newest"
+every checkpoint is scored or recorded as skipped; the end-of-run work (test score of
+the best checkpoint, the paper's figures) is done.
 
-(That the evaluator scores while training goes on is the local run of tests/integration/test_job_submit.py.)"""
+Exact resume is tested in one process on the Trainer itself (tests/test_trainer.py);
+DeepSpeed worker kills with real processes are in test_elastic.py and
+test_reliability_ray.py. (That the evaluator scores while training goes on is the
+local run of tests/integration/test_job_submit.py.)"""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
@@ -17,7 +23,9 @@ from typing import Any, Iterator, Optional
 import pytest
 import ray
 
-from distnmt.config import load_config
+from distnmt.config import Config, load_config
+from distnmt.data.sampler import BucketBatchSampler
+from distnmt.data.shards import TokenArray
 from distnmt.evaluate.score import SLOWDOWN_ENV
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -33,22 +41,30 @@ TINY = [
 ]
 
 
+KILL_STEP = 60  # rank 1 is SIGKILLed as it starts this step (after checkpoint 50)
+
+
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One local cluster for the module (the driver joins it instead of starting its own).
 
     The cluster's processes inherit the test's environment: Ray Train's controller
     polls every 2 s by default, long next to these tiny runs; and the tiny models
     decode in a blink, so each decode is made to last 2 s (SLOWDOWN_ENV) for the
-    evaluator to fall behind training and to be caught mid-decode.
+    evaluator to fall behind training and to be caught mid-decode. The workers also
+    get the worker fault (DISTNMT_FAULT_KILL), disarmed: its marker file exists.
+    Yields the marker; a test that deletes it arms the fault for its run.
     """
-    settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", SLOWDOWN_ENV: "2"}
+    marker = tmp_path_factory.mktemp("fault") / "worker-killed"
+    marker.write_text("disarmed\n")
+    settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", SLOWDOWN_ENV: "2",
+                "DISTNMT_FAULT_KILL": f"1:{KILL_STEP}:{marker}"}
     previous = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
     from distnmt.cluster import start_local
 
     local_ray = start_local()  # loopback, as every local cluster distnmt starts
-    yield
+    yield marker
     local_ray.stop()
     for key, value in previous.items():
         if value is None:
@@ -57,12 +73,16 @@ def local_ray() -> Iterator[None]:
             os.environ[key] = value
 
 
+def _config(prepared: Path, storage: Path, name: str, overrides: list[str]) -> Config:
+    return load_config(None, TINY + overrides + [
+        f"data.prepared_dir={prepared}", f"train.storage_path={storage}", f"train.name={name}",
+    ])
+
+
 def _train(prepared: Path, storage: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
     from distnmt.orchestrate import run_training
 
-    cfg = load_config(None, TINY + overrides + [
-        f"data.prepared_dir={prepared}", f"train.storage_path={storage}", f"train.name={name}",
-    ])
+    cfg = _config(prepared, storage, name, overrides)
     try:
         return run_training(cfg)
     finally:
@@ -126,16 +146,68 @@ class _Killer(threading.Thread):
             time.sleep(0.25)
 
 
-def test_killing_the_evaluator_mid_decode_loses_no_score(local_ray: None, prepared: Path, tmp_path: Path) -> None:
+def _epoch_batches(prepared: Path, epoch: int, world: int, cfg: Config) -> tuple[list[list[list[int]]], list[list[int]]]:
+    """Each rank's batches of one epoch as the trainers' samplers cut them, and the dropped ones."""
+    src, tgt = TokenArray(prepared / "train.en"), TokenArray(prepared / "train.fr")
+    per_rank, dropped = [], []
+    for rank in range(world):
+        sampler = BucketBatchSampler(src.lengths, tgt.lengths, cfg.data.max_tokens, num_replicas=world, rank=rank,
+                                     seed=cfg.train.seed)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+        dropped = sampler.dropped_batches()
+    return per_rank, dropped
+
+
+def _check_every_pair_trained_once(prepared: Path, run_dir: Path, cfg: Config, redone: range) -> None:
+    """The batch logs ('step epoch ids...' per batch, both attempts) against what the
+    samplers cut: every batch of the run's steps once, those of ``redone`` (after the
+    last checkpoint, before the kill) twice: redone, never skipped."""
+    trained: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for rank in (0, 1):
+        for line in (run_dir / f"batches/rank{rank}.log").read_text().splitlines():
+            _step, epoch, *ids = map(int, line.split())
+            trained[epoch].update(ids)
+    want: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    step, epoch = 0, 0
+    epochs = {}
+    while step < cfg.train.max_steps:
+        epochs[epoch] = _epoch_batches(prepared, epoch, 2, cfg)
+        for i in range(len(epochs[epoch][0][0])):
+            step += 1
+            if step > cfg.train.max_steps:
+                break
+            for rank in (0, 1):
+                want[epoch].update({pair: 2 if step in redone else 1 for pair in epochs[epoch][0][rank][i]})
+        epoch += 1
+    assert trained == want
+    # Epoch 0 ran to its end: every pair of the corpus was in it, apart from the
+    # fewer-than-world batches dropped so ranks have equal counts.
+    n_pairs = len(TokenArray(prepared / "train.en"))
+    dropped = {pair for batch in epochs[0][1] for pair in batch}
+    assert set(trained[0]) == set(range(n_pairs)) - dropped
+
+
+def test_a_killed_worker_and_a_killed_evaluator_lose_nothing(local_ray: Path, prepared: Path, tmp_path: Path) -> None:
+    """One run, two faults: rank 1 SIGKILLed as it starts step KILL_STEP (rank 0 then
+    waits in that step's all-reduce): Ray replaces the worker group, which resumes from
+    checkpoint 50 and redoes the steps since, skipping none; and the evaluator actor
+    killed the first time it is caught decoding: Ray restarts it and no checkpoint's
+    score is lost."""
+    marker = local_ray
+    overrides = ["train.max_steps=100", "train.checkpoint_every=50", "eval.max_sentences=100",
+                 "train.max_failures=1", "train.log_batches=true"]
     killer = _Killer("kill")
+    marker.unlink()  # arms the worker fault for this run
     killer.start()
     try:
-        records = _train(prepared, tmp_path, "kill", [
-            "train.max_steps=100", "train.checkpoint_every=50", "eval.max_sentences=100",
-        ])
+        records = _train(prepared, tmp_path, "kill", overrides)
     finally:
         killer.stop.set()
         killer.join()
+        if not marker.exists():
+            marker.write_text("disarmed\n")  # the fault never fired: keep it out of the next test
+    assert marker.read_text() == f"rank 1 killed at step {KILL_STEP}\n", "the worker fault was not injected"
     assert killer.killed is not None, f"the evaluator was never caught decoding; polls failed with {killer.errors[-3:]}"
 
     run_dir = tmp_path / "kill"
@@ -165,9 +237,13 @@ def test_killing_the_evaluator_mid_decode_loses_no_score(local_ray: None, prepar
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert final["lag_seconds"]["checkpoints"] == 2
 
+    # The worker kill: nothing lost, the steps after checkpoint 50 redone, none skipped.
+    cfg = _config(prepared, tmp_path, "kill", overrides)
+    _check_every_pair_trained_once(prepared, run_dir, cfg, redone=range(51, KILL_STEP))
+
 
 def test_early_stopping_ends_the_run_and_newest_policy_skips_with_a_record(
-    local_ray: None, prepared: Path, tmp_path: Path
+    local_ray: Path, prepared: Path, tmp_path: Path
 ) -> None:
     # No checkpoint can beat the first by 100 BLEU: the run must stop after the second score.
     # Checkpoints every 10 steps and 2 s decodes: the evaluator falls behind.

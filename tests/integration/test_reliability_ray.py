@@ -1,7 +1,7 @@
 """Faults a cluster run meets, with real Ray, real worker processes and real signals
 (issue 9): the driver stopped (SIGTERM, then SIGKILL) and run again, the rerun
-surviving a DeepSpeed worker SIGKILLed mid-step. The DDP worker kill is in
-test_distributed.py, the evaluator kill in test_evaluator_ray.py; a loss that stays
+surviving a DeepSpeed worker SIGKILLed mid-step. The DDP worker kill and the
+evaluator kill are one run of test_evaluator_ray.py; a loss that stays
 NaN (DDP and DeepSpeed, and the driver's one-line error) needs no cluster and is in
 tests/test_trainer.py."""
 
