@@ -79,14 +79,13 @@ def _config(prepared: Path, storage: Path, name: str, overrides: list[str]) -> C
     ])
 
 
-def _train(prepared: Path, storage: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
+def _train(cfg: Config) -> list[dict[str, Any]]:
     from distnmt.orchestrate import run_training
 
-    cfg = _config(prepared, storage, name, overrides)
     try:
         return run_training(cfg)
     finally:
-        _release_evaluator(name)
+        _release_evaluator(cfg.train.name)
 
 
 def _evaluator(name: str) -> Any:
@@ -170,22 +169,20 @@ def _check_every_pair_trained_once(prepared: Path, run_dir: Path, cfg: Config, r
             trained[epoch].update(ids)
     want: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     step, epoch = 0, 0
-    epochs = {}
     while step < cfg.train.max_steps:
-        epochs[epoch] = _epoch_batches(prepared, epoch, 2, cfg)
-        for i in range(len(epochs[epoch][0][0])):
+        per_rank, dropped = _epoch_batches(prepared, epoch, 2, cfg)
+        if epoch == 0:
+            dropped_in_epoch_0 = {pair for batch in dropped for pair in batch}
+        for i in range(min(len(per_rank[0]), cfg.train.max_steps - step)):
             step += 1
-            if step > cfg.train.max_steps:
-                break
             for rank in (0, 1):
-                want[epoch].update({pair: 2 if step in redone else 1 for pair in epochs[epoch][0][rank][i]})
+                want[epoch].update({pair: 2 if step in redone else 1 for pair in per_rank[rank][i]})
         epoch += 1
     assert trained == want
     # Epoch 0 ran to its end: every pair of the corpus was in it, apart from the
     # fewer-than-world batches dropped so ranks have equal counts.
     n_pairs = len(TokenArray(prepared / "train.en"))
-    dropped = {pair for batch in epochs[0][1] for pair in batch}
-    assert set(trained[0]) == set(range(n_pairs)) - dropped
+    assert set(trained[0]) == set(range(n_pairs)) - dropped_in_epoch_0
 
 
 def test_a_killed_worker_and_a_killed_evaluator_lose_nothing(local_ray: Path, prepared: Path, tmp_path: Path) -> None:
@@ -195,13 +192,13 @@ def test_a_killed_worker_and_a_killed_evaluator_lose_nothing(local_ray: Path, pr
     killed the first time it is caught decoding: Ray restarts it and no checkpoint's
     score is lost."""
     marker = local_ray
-    overrides = ["train.max_steps=100", "train.checkpoint_every=50", "eval.max_sentences=100",
-                 "train.max_failures=1", "train.log_batches=true"]
+    cfg = _config(prepared, tmp_path, "kill", ["train.max_steps=100", "train.checkpoint_every=50",
+                                               "eval.max_sentences=100", "train.max_failures=1", "train.log_batches=true"])
     killer = _Killer("kill")
     marker.unlink()  # arms the worker fault for this run
     killer.start()
     try:
-        records = _train(prepared, tmp_path, "kill", overrides)
+        records = _train(cfg)
     finally:
         killer.stop.set()
         killer.join()
@@ -238,7 +235,6 @@ def test_a_killed_worker_and_a_killed_evaluator_lose_nothing(local_ray: Path, pr
     assert final["lag_seconds"]["checkpoints"] == 2
 
     # The worker kill: nothing lost, the steps after checkpoint 50 redone, none skipped.
-    cfg = _config(prepared, tmp_path, "kill", overrides)
     _check_every_pair_trained_once(prepared, run_dir, cfg, redone=range(51, KILL_STEP))
 
 
@@ -247,10 +243,10 @@ def test_early_stopping_ends_the_run_and_newest_policy_skips_with_a_record(
 ) -> None:
     # No checkpoint can beat the first by 100 BLEU: the run must stop after the second score.
     # Checkpoints every 10 steps and 2 s decodes: the evaluator falls behind.
-    _train(prepared, tmp_path, "early", [
+    _train(_config(prepared, tmp_path, "early", [
         "train.max_steps=3000", "train.checkpoint_every=10", "eval.max_sentences=50",
         "eval.patience=1", "eval.min_delta=100", "eval.policy=newest", "eval.figures=false", "eval.test_at_end=false",
-    ])
+    ]))
     run_dir = tmp_path / "early"
     checkpoints = _checkpoints(run_dir)
     steps = [int(name.split("_")[1]) for name in checkpoints]
